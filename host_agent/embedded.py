@@ -1,0 +1,67 @@
+"""The embedded default: run the agent against a PostgreSQL cluster it starts itself.
+
+Used by `host-agent run --local-postgres DIR` (and so by `scripts/run.sh`) when no
+`database.postgres_url` is configured: the cluster is created under DIR on first use, started,
+given the schema, and stopped again when the agent exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+from pydantic import SecretStr
+
+from host_agent.commands import init_db
+from host_agent.config import AgentConfig, redact_url
+from host_agent.errors import HostAgentError
+from host_agent.localpg import LocalPostgres, LocalPostgresError
+from host_agent.logging import register_secret
+
+DATABASE = "host_agent"
+log = structlog.get_logger("host_agent.embedded")
+
+
+class EmbeddedPostgresFailed(HostAgentError):
+    pass
+
+
+def _start(directory: Path) -> str:
+    pg = LocalPostgres(directory)
+    pg.ensure_initialized()
+    register_secret(pg.password)
+    pg.start()
+    exists = pg.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'").strip()
+    if not exists:
+        pg.create_database(DATABASE)
+    return pg.url(DATABASE)
+
+
+def _stop(directory: Path) -> None:
+    LocalPostgres(directory).stop()
+
+
+def with_url(config: AgentConfig, url: str) -> AgentConfig:
+    database = config.database.model_copy(update={"postgres_url": SecretStr(url)})
+    return config.model_copy(update={"database": database})
+
+
+async def run_with_local_postgres(config: AgentConfig, directory: str | Path) -> None:
+    from host_agent.agent import run_agent
+
+    path = Path(directory)
+    try:
+        url = await asyncio.to_thread(_start, path)
+    except LocalPostgresError as exc:
+        raise EmbeddedPostgresFailed(
+            f"cannot start the local PostgreSQL in {path}: {exc}"
+        ) from None
+    try:
+        log.info("embedded_postgres.started", directory=str(path), url=redact_url(url))
+        config = with_url(config, url)
+        await init_db(config)
+        await run_agent(config)
+    finally:
+        await asyncio.to_thread(_stop, path)
+        log.info("embedded_postgres.stopped", directory=str(path))

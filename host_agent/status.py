@@ -1,0 +1,120 @@
+"""`host-agent status`: the local view, from SQLite alone (works with the server down)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from host_agent.config import AgentConfig, redact_url
+from host_agent.store.connection import connect
+from host_agent.store.migrations import migrate
+from host_agent.store.schema import NOT_QUARANTINED, TABLES, LocalTable
+from host_agent.wiring import table_path
+
+QUARANTINE_LISTED = 20
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _table_status(conn: sqlite3.Connection, table: LocalTable, now: float) -> dict[str, Any]:
+    name = table.name
+    quarantine_join = (
+        f"FROM sync_rejected_rows q JOIN {name} t ON t.id = q.row_id "
+        "AND t.row_version = q.row_version WHERE t.synced_at IS NULL"
+    )
+    quarantined = conn.execute(f"SELECT count(*) {quarantine_join}").fetchone()[0]
+    unsynced_all = conn.execute(
+        f"SELECT count(*) FROM {name} WHERE synced_at IS NULL"
+    ).fetchone()[0]
+    oldest = conn.execute(
+        f"SELECT min({table.time_column}) FROM {name} t "
+        f"WHERE t.synced_at IS NULL AND {NOT_QUARANTINED}"
+    ).fetchone()[0]
+    rejected = [
+        {"row_id": r[0], "error": r[1], "rejected_at": _iso(r[2])}
+        for r in conn.execute(
+            f"SELECT q.row_id, q.error, q.rejected_at {quarantine_join} ORDER BY q.row_id LIMIT ?",
+            (QUARANTINE_LISTED,),
+        )
+    ]
+    state = conn.execute(
+        "SELECT last_attempt_at, last_success_at, last_status, last_error, consecutive_failures, "
+        "backoff_seconds, next_attempt_at FROM sync_state WHERE id = 1"
+    ).fetchone()
+    pending_logs = conn.execute("SELECT count(*) FROM sync_runs").fetchone()[0]
+    total = conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+    return {
+        "rows": total,
+        "unsynced": unsynced_all - quarantined,
+        "oldest_unsynced_age_seconds": None if oldest is None else max(0, round(now - oldest)),
+        "quarantined": quarantined,
+        "quarantined_rows": rejected,
+        "last_attempt_at": _iso(state[0]),
+        "last_success_at": _iso(state[1]),
+        "last_status": state[2],
+        "last_error": state[3],
+        "pending_sync_logs": pending_logs,
+        "backoff": {
+            "consecutive_failures": state[4],
+            "backoff_seconds": state[5],
+            "next_attempt_at": _iso(state[6]),
+        },
+    }
+
+
+def collect_status(config: AgentConfig) -> dict[str, Any]:
+    """Everything `status` shows, as plain data (JSON-ready). Blocking: SQLite only."""
+    now = time.time()
+    tables: dict[str, Any] = {}
+    for table in TABLES:
+        conn = connect(table_path(config, table))
+        try:
+            migrate(conn, table)
+            tables[table.name] = _table_status(conn, table, now)
+        finally:
+            conn.close()
+    url = config.postgres_url
+    return {
+        "host_identifier": config.host,
+        "postgres_url": redact_url(url) if url else None,
+        "tables": tables,
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The same data for a person."""
+    lines = [
+        f"host: {status['host_identifier']}",
+        f"server: {status['postgres_url'] or '(not configured)'}",
+    ]
+    for name, t in status["tables"].items():
+        backoff = t["backoff"]
+        lines.append("")
+        lines.append(f"{name}")
+        age = t["oldest_unsynced_age_seconds"]
+        lines.append(
+            f"  unsynced rows:     {t['unsynced']}"
+            + (f" (oldest {age}s old)" if age is not None else "")
+        )
+        lines.append(f"  quarantined rows:  {t['quarantined']}")
+        for row in t["quarantined_rows"]:
+            lines.append(f"    row {row['row_id']}: {row['error']}")
+        lines.append(f"  last success:      {t['last_success_at'] or 'never'}")
+        last = t["last_status"] or "no run yet"
+        if t["last_error"]:
+            last += f" ({t['last_error']})"
+        lines.append(f"  last run:          {last}")
+        if backoff["consecutive_failures"]:
+            lines.append(
+                f"  backing off:       {backoff['consecutive_failures']} failure(s), "
+                f"next attempt {backoff['next_attempt_at']}"
+            )
+        elif backoff["next_attempt_at"]:
+            lines.append(f"  next run:          {backoff['next_attempt_at']}")
+        if t["pending_sync_logs"]:
+            lines.append(f"  sync_logs pending: {t['pending_sync_logs']} run(s) kept locally")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Local table definitions and their migrations.
+
+Each local table lives in its own SQLite file (one file per source, as in the plan). The columns
+the planning documents name are kept exactly; the bookkeeping the sync engine needs is added by
+later migrations with defaults, so an INSERT naming only the documented columns keeps working:
+
+- `row_version` (default 0): raised by a trigger on every change that is not the sync engine's
+  own "mark as synced". The new value comes from a per-file counter (`sync_counter`), so it grows
+  across the whole file; that lets the sync engine mark a whole batch with one range UPDATE
+  guarded by "version not newer than the counter when the batch was read".
+- the same trigger sets `synced_at` back to NULL, so a changed row is found by the plan's
+  `WHERE synced_at IS NULL` and shipped again.
+- `sync_rejected_rows`: rows PostgreSQL refused, with the reason (quarantine).
+- `sync_runs`: sync runs not yet written to PostgreSQL's `sync_logs` (kept while offline).
+- `sync_state`: the sync loop's last result and backoff, readable by `host-agent status`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# True for a row of table alias `t` that is not in quarantine at its current version.
+NOT_QUARANTINED = (
+    "NOT EXISTS (SELECT 1 FROM sync_rejected_rows q "
+    "WHERE q.row_id = t.id AND q.row_version = t.row_version)"
+)
+
+Step = str | Callable[[sqlite3.Connection], None]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A named schema change. Applied once, recorded in the same transaction."""
+
+    name: str
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class LocalTable:
+    """A local table the sync engine ships to the PostgreSQL table of the same name."""
+
+    name: str
+    config_key: str  # the `database.*` key holding the SQLite file path
+    time_column: str  # the column that says when the recorded thing happened
+    migrations: tuple[Migration, ...]
+
+
+def _column_names(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_column_if_missing(
+    table: str, column: str, ddl: str
+) -> Callable[[sqlite3.Connection], None]:
+    def step(conn: sqlite3.Connection) -> None:
+        if column not in _column_names(conn, table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+    return step
+
+
+def _sync_bookkeeping(table: str) -> tuple[Step, ...]:
+    return (
+        _add_column_if_missing(table, "row_version", "INTEGER NOT NULL DEFAULT 0"),
+        """CREATE TABLE IF NOT EXISTS sync_counter (
+               id INTEGER PRIMARY KEY CHECK (id = 1),
+               value INTEGER NOT NULL
+           )""",
+        "INSERT OR IGNORE INTO sync_counter (id, value) VALUES (1, 0)",
+        # Every change except the sync engine's own NULL -> timestamp marking gets a fresh
+        # version and becomes unsynced again. recursive_triggers is off (SQLite's default), so
+        # the trigger's own UPDATE does not fire it again.
+        f"""CREATE TRIGGER IF NOT EXISTS {table}_row_changed
+            AFTER UPDATE ON {table}
+            WHEN NOT (OLD.synced_at IS NULL AND NEW.synced_at IS NOT NULL)
+            BEGIN
+                UPDATE sync_counter SET value = value + 1 WHERE id = 1;
+                UPDATE {table}
+                   SET row_version = (SELECT value FROM sync_counter WHERE id = 1),
+                       synced_at = NULL
+                 WHERE id = NEW.id;
+            END""",
+        """CREATE TABLE IF NOT EXISTS sync_rejected_rows (
+               row_id INTEGER PRIMARY KEY,
+               row_version INTEGER NOT NULL,
+               error TEXT NOT NULL,
+               rejected_at INTEGER NOT NULL
+           )""",
+        """CREATE TABLE IF NOT EXISTS sync_runs (
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               table_name TEXT NOT NULL,
+               sync_started_at REAL NOT NULL,
+               sync_completed_at REAL,
+               records_synced INTEGER NOT NULL DEFAULT 0,
+               records_failed INTEGER NOT NULL DEFAULT 0,
+               status TEXT NOT NULL,
+               error_message TEXT
+           )""",
+        """CREATE TABLE IF NOT EXISTS sync_state (
+               id INTEGER PRIMARY KEY CHECK (id = 1),
+               last_attempt_at REAL,
+               last_success_at REAL,
+               last_status TEXT,
+               last_error TEXT,
+               consecutive_failures INTEGER NOT NULL DEFAULT 0,
+               backoff_seconds REAL NOT NULL DEFAULT 0,
+               next_attempt_at REAL
+           )""",
+        "INSERT OR IGNORE INTO sync_state (id) VALUES (1)",
+    )
+
+
+DESKTOP_ACTIVITY = LocalTable(
+    name="desktop_activity_sessions",
+    config_key="desktop_activity_db",
+    time_column="start_time",
+    migrations=(
+        Migration(
+            "0001_create_desktop_activity_sessions",
+            (
+                """CREATE TABLE IF NOT EXISTS desktop_activity_sessions (
+                       id INTEGER PRIMARY KEY AUTOINCREMENT,
+                       start_time INTEGER NOT NULL,
+                       start_time_iso TEXT NOT NULL,
+                       end_time INTEGER,
+                       end_time_iso TEXT,
+                       duration_seconds INTEGER,
+                       application_name TEXT NOT NULL,
+                       window_title TEXT,
+                       process_name TEXT,
+                       pid INTEGER,
+                       is_idle INTEGER NOT NULL DEFAULT 0,
+                       created_at INTEGER NOT NULL
+                   )""",
+                "CREATE INDEX IF NOT EXISTS idx_desktop_start_time "
+                "ON desktop_activity_sessions(start_time)",
+            ),
+        ),
+        Migration(
+            # The plan: "ALTER TABLE desktop_activity_sessions ADD COLUMN synced_at INTEGER".
+            # Databases made before the sync feature lack it; newer ones get it here too.
+            "0002_add_synced_at",
+            (
+                _add_column_if_missing("desktop_activity_sessions", "synced_at", "INTEGER"),
+                "CREATE INDEX IF NOT EXISTS idx_desktop_synced_at "
+                "ON desktop_activity_sessions(synced_at)",
+            ),
+        ),
+        Migration("0003_sync_bookkeeping", _sync_bookkeeping("desktop_activity_sessions")),
+    ),
+)
+
+FILE_CHANGES = LocalTable(
+    name="file_change_events",
+    config_key="file_events_db",
+    time_column="event_time",
+    migrations=(
+        Migration(
+            "0001_create_file_change_events",
+            (
+                # Exactly as in the plan (seeds/002), indexes included.
+                """CREATE TABLE IF NOT EXISTS file_change_events (
+                       id INTEGER PRIMARY KEY AUTOINCREMENT,
+                       event_time INTEGER NOT NULL,
+                       event_time_iso TEXT NOT NULL,
+                       event_type TEXT NOT NULL,
+                       file_path TEXT NOT NULL,
+                       file_path_relative TEXT,
+                       file_name TEXT NOT NULL,
+                       file_extension TEXT,
+                       file_size INTEGER,
+                       is_symlink INTEGER DEFAULT 0,
+                       monitored_root TEXT NOT NULL,
+                       project_name TEXT,
+                       synced_at INTEGER,
+                       created_at INTEGER NOT NULL
+                   )""",
+                "CREATE INDEX IF NOT EXISTS idx_file_event_time ON file_change_events(event_time)",
+                "CREATE INDEX IF NOT EXISTS idx_file_synced_at ON file_change_events(synced_at)",
+            ),
+        ),
+        Migration("0002_sync_bookkeeping", _sync_bookkeeping("file_change_events")),
+        Migration(
+            # A path that is not valid UTF-8 is stored in the text columns with
+            # backslash escapes (errors="backslashreplace") and, byte for byte, here.
+            # NULL when the path is valid UTF-8.
+            "0003_add_file_path_raw",
+            (_add_column_if_missing("file_change_events", "file_path_raw", "BLOB"),),
+        ),
+    ),
+)
+
+TABLES: tuple[LocalTable, ...] = (DESKTOP_ACTIVITY, FILE_CHANGES)

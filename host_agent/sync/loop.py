@@ -1,0 +1,144 @@
+"""SyncLoop: when to run the engine. The daemon's schedule; it never gives up.
+
+After a successful run the next one is `interval_seconds` later, or sooner: `wake()` (new rows
+written) brings it forward to `wake_delay_seconds` after the first wake, so a burst of writes
+is shipped in one run; `trigger()` (an operator's request) runs at once. After a failed run the
+next attempt waits a full-jitter exponential backoff: a uniform draw from
+[0, min(cap, retry_backoff_seconds * 2^(failures-1))]. While backing off, new rows do not wake
+the loop (that would hammer a server that is down); a trigger still does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from host_agent.sync.engine import SyncEngine, SyncReport
+
+
+@dataclass
+class BackoffPolicy:
+    base: float
+    cap: float
+
+    def ceiling(self, failures: int) -> float:
+        if failures <= 0:
+            return 0.0
+        return float(min(self.cap, self.base * 2 ** min(failures - 1, 62)))
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        return (rng or random).uniform(0, self.ceiling(failures))
+
+
+class SyncLoop:
+    def __init__(
+        self,
+        engine: SyncEngine,
+        *,
+        interval: float,
+        backoff: BackoffPolicy,
+        wake_delay: float,
+        log: Any = None,
+    ) -> None:
+        self.engine = engine
+        self.interval = interval
+        self.backoff = backoff
+        self.wake_delay = wake_delay
+        self.log = log or structlog.get_logger("host_agent.sync")
+        self.consecutive_failures = 0
+        self.next_attempt_at: float | None = None
+        self.last_report: SyncReport | None = None
+        self.runs = 0
+        self._wake = asyncio.Event()
+        self._trigger = asyncio.Event()
+        self._run_done = asyncio.Condition()
+
+    def wake(self) -> None:
+        """New rows were written (loop thread only; see `wake_threadsafe`)."""
+        if self.wake_delay > 0:
+            self._wake.set()
+
+    def trigger(self) -> None:
+        """Run now, backoff or not."""
+        self._trigger.set()
+
+    async def wait_for_run(self, after: int, deadline_seconds: float) -> SyncReport | None:
+        """Wait until run number `after + 1` has finished; return its report."""
+        async with self._run_done:
+            await asyncio.wait_for(
+                self._run_done.wait_for(lambda: self.runs > after), deadline_seconds
+            )
+        return self.last_report
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            self._trigger.clear()
+            report = await self.engine.sync_all(stop)
+            await self._after_run(report)
+            if stop.is_set():
+                break
+            await self._sleep(stop)
+
+    async def _after_run(self, report: SyncReport) -> None:
+        now = time.time()
+        error = report.first_error
+        if error is None:
+            self.consecutive_failures = 0
+            delay = self.interval
+        else:
+            self.consecutive_failures += 1
+            delay = self.backoff.delay(self.consecutive_failures)
+        self.next_attempt_at = now + delay
+        await self._save_state()
+        if error is not None:
+            self.log.warning(
+                "sync.backing_off",
+                failures=self.consecutive_failures,
+                retry_in_seconds=round(delay, 1),
+                error=str(error),
+            )
+        self.last_report = report
+        async with self._run_done:
+            self.runs += 1
+            self._run_done.notify_all()
+
+    async def _save_state(self) -> None:
+        """The schedule, for `host-agent status` (the engine saves each run's outcome)."""
+        for source in self.engine.sources:
+            try:
+                await source.save_state(
+                    consecutive_failures=self.consecutive_failures,
+                    backoff_seconds=self.backoff.ceiling(self.consecutive_failures),
+                    next_attempt_at=self.next_attempt_at,
+                )
+            except Exception as exc:  # status is advisory; never stop syncing over it
+                self.log.warning("sync.state_not_saved", table=source.table.name, error=str(exc))
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        deadline = self.next_attempt_at or time.time()
+        healthy = self.consecutive_failures == 0
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self._trigger.wait()),
+        ]
+        if healthy:
+            waits.append(asyncio.ensure_future(self._wake.wait()))
+        try:
+            await asyncio.wait(
+                waits, timeout=max(0.0, deadline - time.time()), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if healthy and self._wake.is_set() and not (stop.is_set() or self._trigger.is_set()):
+            # Coalesce a burst: give the writers wake_delay seconds before shipping.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.wake_delay)

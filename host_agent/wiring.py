@@ -1,0 +1,62 @@
+"""Building the sync parts from a configuration (shared by the CLI commands and the daemon)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from host_agent.config import AgentConfig
+from host_agent.errors import ConfigError
+from host_agent.logging import register_secret
+from host_agent.store.schema import TABLES, LocalTable
+from host_agent.sync.sink import PostgresSink
+from host_agent.sync.source import LocalSource
+
+
+def table_path(config: AgentConfig, table: LocalTable) -> Path:
+    path: Path = getattr(config.database, table.config_key)
+    return path
+
+
+def require_url(config: AgentConfig) -> str:
+    url = config.postgres_url
+    if not url:
+        raise ConfigError(
+            "database.postgres_url",
+            "not set (set it in the config or HOST_AGENT_DATABASE_POSTGRES_URL; "
+            "scripts/run.sh starts a local PostgreSQL when it is unset)",
+        )
+    register_secret(url)
+    return url
+
+
+def make_sink(config: AgentConfig, *, connect_timeout: float | None = None) -> PostgresSink:
+    sync = config.data_sync
+    return PostgresSink(
+        require_url(config),
+        config.host,
+        connect_timeout=connect_timeout or sync.connect_timeout_seconds,
+        command_timeout=sync.command_timeout_seconds,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_sources(config: AgentConfig) -> AsyncIterator[list[LocalSource]]:
+    """Open (creating and migrating) every local table's file; close them on exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        sources = []
+        for table in TABLES:
+            source = LocalSource(table_path(config, table), table)
+            await source.open()
+            stack.push_async_callback(source.close)
+            sources.append(source)
+        yield sources
+
+
+@contextlib.asynccontextmanager
+async def open_sink(sink: PostgresSink) -> AsyncIterator[PostgresSink]:
+    try:
+        yield sink
+    finally:
+        await sink.close()
