@@ -1,0 +1,118 @@
+"""Building local rows and reading both ends back, for sync tests."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
+from host_agent.sync.pg_schema import apply_schema
+
+
+def file_event(i: int, *, now: int | None = None, **overrides: Any) -> dict[str, Any]:
+    now = int(time.time()) if now is None else now
+    row: dict[str, Any] = {
+        "event_time": now,
+        "event_time_iso": datetime.fromtimestamp(now, UTC).isoformat(),
+        "event_type": ("created", "modified", "deleted", "moved")[i % 4],
+        "file_path": f"/home/dev/project/src/module_{i}.py",
+        "file_path_relative": f"src/module_{i}.py",
+        "file_name": f"module_{i}.py",
+        "file_extension": ".py",
+        "file_size": 1000 + i,
+        "is_symlink": 0,
+        "monitored_root": "/home/dev/project",
+        "project_name": "project",
+        "created_at": now,
+    }
+    row.update(overrides)
+    return row
+
+
+def session(i: int, *, now: int | None = None, **overrides: Any) -> dict[str, Any]:
+    now = int(time.time()) if now is None else now
+    row: dict[str, Any] = {
+        "start_time": now + i * 10,
+        "start_time_iso": datetime.fromtimestamp(now + i * 10, UTC).isoformat(),
+        "end_time": now + i * 10 + 5,
+        "end_time_iso": datetime.fromtimestamp(now + i * 10 + 5, UTC).isoformat(),
+        "duration_seconds": 5,
+        "application_name": f"App{i % 3}",
+        "window_title": f"window {i}",
+        "process_name": "app",
+        "pid": 1000 + i,
+        "is_idle": 0,
+        "created_at": now,
+    }
+    row.update(overrides)
+    return row
+
+
+def insert_file_events(path: Path, rows: Sequence[dict[str, Any]]) -> list[int]:
+    writer = RowWriter(path, FILE_CHANGES)
+    try:
+        return writer.insert_many(rows)
+    finally:
+        writer.close()
+
+
+def insert_sessions(path: Path, rows: Sequence[dict[str, Any]]) -> list[int]:
+    writer = RowWriter(path, DESKTOP_ACTIVITY)
+    try:
+        return writer.insert_many(rows)
+    finally:
+        writer.close()
+
+
+def bulk_file_events(path: Path, count: int, *, start: int = 0) -> None:
+    """Many rows fast (one executemany), through the same table definition."""
+    writer = RowWriter(path, FILE_CHANGES)
+    writer.insert_many([file_event(start)])  # creates and migrates the file
+    writer.close()
+    conn = sqlite3.connect(path)
+    try:
+        first = file_event(start + 1)
+        columns = list(first)
+        marks = ", ".join("?" for _ in columns)
+        conn.executemany(
+            f"INSERT INTO file_change_events ({', '.join(columns)}) VALUES ({marks})",
+            (tuple(file_event(i).values()) for i in range(start + 1, start + count)),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def local_query(path: Path, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return list(await conn.fetch(sql, *args, timeout=30))
+    finally:
+        await conn.close()
+
+
+def pg_fetch_sync(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    return asyncio.run(pg_fetch(url, sql, *args))
+
+
+async def apply_schema_to(url: str) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await apply_schema(conn)
+    finally:
+        await conn.close()

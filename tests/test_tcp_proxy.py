@@ -1,0 +1,310 @@
+"""tests/support/tcp_proxy.py with real sockets: an echo server and the session PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+from support.tcp_proxy import TcpProxy
+
+from host_agent.localpg import LocalPostgres
+
+IO_TIMEOUT = 5.0
+MakeProxy = Callable[[str, int], TcpProxy]
+
+
+class EchoServer:
+    """Echoes each connection's bytes back on the test's own loop."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass  # the proxy resets connections on purpose
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+            self.handlers.discard(task)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        async with asyncio.timeout(IO_TIMEOUT):
+            await self.server.wait_closed()
+            # Handlers end once the proxy's side of their connection is gone.
+            while self.handlers:
+                await asyncio.gather(*self.handlers, return_exceptions=True)
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[EchoServer]:
+    server = EchoServer()
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def open_client(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async with asyncio.timeout(IO_TIMEOUT):
+        return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def close_client(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        async with asyncio.timeout(IO_TIMEOUT):
+            await writer.wait_closed()
+    except ConnectionError:
+        pass
+
+
+async def roundtrip(port: int, payload: bytes) -> bytes:
+    reader, writer = await open_client(port)
+    try:
+        writer.write(payload)
+        async with asyncio.timeout(IO_TIMEOUT):
+            await writer.drain()
+            return await reader.readexactly(len(payload))
+    finally:
+        await close_client(writer)
+
+
+async def assert_reset(reader: asyncio.StreamReader) -> None:
+    """The connection ends with RST, not an orderly EOF."""
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(IO_TIMEOUT):
+            while await reader.read(65536):
+                pass
+
+
+async def assert_refused(port: int) -> None:
+    """A new connection is reset: during connect or at the first read, depending on who
+    sees the proxy's RST first."""
+    with pytest.raises(ConnectionResetError):
+        reader, writer = await open_client(port)
+        try:
+            writer.write(b"anyone?")
+            async with asyncio.timeout(IO_TIMEOUT):
+                while await reader.read(65536):
+                    pass
+        finally:
+            await close_client(writer)
+
+
+async def eventually(predicate: Callable[[], bool], within: float = IO_TIMEOUT) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.01)
+
+
+# --- echo server -------------------------------------------------------------------------
+
+
+async def test_forwards_both_ways_and_counts(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    assert proxy.port != echo.port
+    payload = os.urandom(300_000)  # larger than socket buffers: exercises flow control
+    assert await roundtrip(proxy.port, payload) == payload
+    assert await roundtrip(proxy.port, b"again") == b"again"
+    assert proxy.bytes_client_to_server == len(payload) + 5
+
+
+async def test_cut_resets_open_connections_only(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    reader, writer = await open_client(proxy.port)
+    try:
+        writer.write(b"ping")
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await reader.readexactly(4) == b"ping"
+        proxy.cut()
+        await assert_reset(reader)
+    finally:
+        await close_client(writer)
+    assert await roundtrip(proxy.port, b"new connection") == b"new connection"
+
+
+async def test_block_refuses_until_unblock(echo: EchoServer, tcp_proxy_factory: MakeProxy) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    reader, writer = await open_client(proxy.port)
+    try:
+        proxy.block()
+        await assert_reset(reader)
+    finally:
+        await close_client(writer)
+
+    await assert_refused(proxy.port)
+    proxy.unblock()
+    assert await roundtrip(proxy.port, b"back") == b"back"
+
+
+async def test_cut_after_counts_across_connections(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    assert await roundtrip(proxy.port, b"before") == b"before"
+    proxy.cut_after(10)
+    assert not proxy.wait_cut(0)
+
+    assert await roundtrip(proxy.port, b"1234") == b"1234"
+    reader, writer = await open_client(proxy.port)
+    try:
+        writer.write(b"abcdefghij")  # 6 more reach the limit; the rest is swallowed
+        assert proxy.wait_cut(IO_TIMEOUT)
+        await assert_reset(reader)
+    finally:
+        await close_client(writer)
+    assert proxy.bytes_client_to_server == 6 + 4 + 6
+
+    # Blocked after firing, until unblock().
+    await assert_refused(proxy.port)
+    proxy.unblock()
+    assert await roundtrip(proxy.port, b"after") == b"after"
+
+
+def test_control_needs_a_running_proxy() -> None:
+    proxy = TcpProxy("127.0.0.1", 9)
+    with pytest.raises(RuntimeError):
+        _ = proxy.port
+    with pytest.raises(RuntimeError):
+        proxy.cut()
+    proxy.close()  # never started: nothing to do
+    proxy.close()
+
+
+async def test_connecting_to_unreachable_target_is_reset(tcp_proxy_factory: MakeProxy) -> None:
+    with TcpProxy("127.0.0.1", 9) as placeholder:
+        free = placeholder.port
+    # Nothing listens on `free` any more: the proxy accepts, fails upstream, resets.
+    proxy = tcp_proxy_factory("127.0.0.1", free)
+    await assert_refused(proxy.port)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------
+
+
+def via(proxy: TcpProxy, pg: LocalPostgres) -> str:
+    return pg.url().replace(f"@127.0.0.1:{pg.port}/", f"@127.0.0.1:{proxy.port}/")
+
+
+async def test_cut_fails_a_long_query_fast(
+    pg_server: LocalPostgres, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", pg_server.port)
+    app = f"proxy-test-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(
+        via(proxy, pg_server), timeout=IO_TIMEOUT, server_settings={"application_name": app}
+    )
+    try:
+        query = asyncio.create_task(conn.fetchval("SELECT pg_sleep(30)"))
+        await eventually(
+            lambda: pg_server.psql(
+                "SELECT count(*) FROM pg_stat_activity"
+                f" WHERE application_name = '{app}' AND query LIKE '%pg_sleep%'"
+            ).strip()
+            == "1"
+        )
+        started = time.monotonic()
+        proxy.cut()
+        with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
+            async with asyncio.timeout(IO_TIMEOUT):
+                await query
+        assert time.monotonic() - started < 2
+        assert conn.is_closed()
+    finally:
+        await conn.close(timeout=IO_TIMEOUT)
+        # The server only notices a dead client when it next writes; don't leave it asleep.
+        pg_server.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE application_name = '{app}'"
+        )
+
+
+async def test_block_makes_postgres_unreachable(
+    pg_server: LocalPostgres, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", pg_server.port)
+    proxy.block()
+    with pytest.raises((ConnectionError, asyncpg.ConnectionDoesNotExistError)):
+        await asyncpg.connect(via(proxy, pg_server), timeout=IO_TIMEOUT)
+    proxy.unblock()
+    conn = await asyncpg.connect(via(proxy, pg_server), timeout=IO_TIMEOUT)
+    try:
+        assert await conn.fetchval("SELECT 7", timeout=IO_TIMEOUT) == 7
+    finally:
+        await conn.close(timeout=IO_TIMEOUT)
+
+
+async def test_cut_after_interrupts_a_write_stream(
+    pg_database: str, pg_server: LocalPostgres, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", pg_server.port)
+    url = pg_database.replace(f"@127.0.0.1:{pg_server.port}/", f"@127.0.0.1:{proxy.port}/")
+    conn = await asyncpg.connect(url, timeout=IO_TIMEOUT)
+    try:
+        await conn.execute("CREATE TABLE t (v text)")
+        proxy.cut_after(20_000)
+        with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
+            for i in range(1_000):
+                await conn.execute("INSERT INTO t VALUES ($1)", f"{i:0>100}", timeout=IO_TIMEOUT)
+        assert proxy.wait_cut(IO_TIMEOUT)
+    finally:
+        await conn.close(timeout=IO_TIMEOUT)
+    inserted = int(pg_server.psql("SELECT count(*) FROM t", dbname=url.rsplit("/", 1)[1]))
+    assert 0 < inserted < 1_000
+
+
+def test_serves_subprocesses(pg_server: LocalPostgres, tcp_proxy_factory: MakeProxy) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", pg_server.port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGPASSWORD"] = pg_server.password
+    result = subprocess.run(
+        [
+            str(pg_server.bin_dir / "psql"), "-X", "-A", "-t",
+            "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", "-d", "postgres",
+            "-c", "SELECT 40 + 2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "42"
+    assert proxy.bytes_client_to_server > 0
