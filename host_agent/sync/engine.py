@@ -25,7 +25,7 @@ from tenacity import (
 
 from host_agent.errors import SinkError, SinkUnavailable
 from host_agent.logging import redact
-from host_agent.sync.sink import PostgresSink, SyncRunRecord
+from host_agent.sync.sink import PostgresSink, Rejection, SyncRunRecord
 from host_agent.sync.source import Batch, LocalSource
 from host_agent.sync.table_plan import TablePlan
 
@@ -89,6 +89,13 @@ class SyncReport:
     @property
     def failed(self) -> int:
         return sum(t.failed for t in self.tables)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    batch: Batch
+    records: list[tuple[Any, ...]]
+    refused: list[Rejection]
 
 
 async def finish_even_if_cancelled(awaitable: Awaitable[T]) -> T:
@@ -230,47 +237,62 @@ class SyncEngine:
     async def _ship_from(
         self, source: LocalSource, cursor: int, result: TableResult, stop: asyncio.Event | None
     ) -> int:
-        """Ship batches after `cursor`; return the last id handled. Raises SinkError."""
+        """Ship batches after `cursor`; return the last id handled. Raises SinkError.
+
+        Three stages overlap: a producer reads and converts batch N+1 while batch N is on the
+        wire, and batch N-1 is marked in SQLite meanwhile. A batch is marked only after its
+        PostgreSQL commit; at most one marking is in flight and it is always awaited, even
+        when this coroutine is cancelled or the connection fails.
+        """
         plan = await self._plan(source)
-        columns = plan.local_columns
-        pending: asyncio.Task[Batch | None] = asyncio.ensure_future(
-            source.read_batch(columns, cursor, self.batch_size)
-        )
+        ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
+
+        async def produce() -> None:
+            after = cursor
+            while True:
+                batch = await source.read_batch(plan.local_columns, after, self.batch_size)
+                if batch is None:
+                    await ready.put(None)
+                    return
+                records, refused = plan.prepare(batch.rows)
+                await ready.put(Prepared(batch, records, [Rejection(*r) for r in refused]))
+                after = batch.last_id
+
+        producer = asyncio.ensure_future(produce())
+        marking: asyncio.Future[None] | None = None
         try:
             while True:
-                batch = await pending
-                if batch is None:
-                    return cursor
-                if stop is not None and stop.is_set():
-                    return cursor
-                # Read ahead while this batch is on the wire.
-                pending = asyncio.ensure_future(
-                    source.read_batch(columns, batch.last_id, self.batch_size)
-                )
-                outcome = await self.sink.write(plan, batch.rows)
-                rejected = [*batch.undecodable, *outcome.rejected]
-                await finish_even_if_cancelled(source.mark(batch, rejected))
-                for rejection in rejected[:LOGGED_REJECTIONS_PER_BATCH]:
-                    self.log.warning(
-                        "sync.row_rejected",
-                        table=result.table,
-                        row_id=rejection.row_id,
-                        reason=rejection.reason,
-                    )
-                if len(rejected) > LOGGED_REJECTIONS_PER_BATCH:
-                    self.log.warning(
-                        "sync.rows_rejected",
-                        table=result.table,
-                        count=len(rejected),
-                        note="see `host-agent status` for the full list",
-                    )
+                item = await ready.get()
+                if item is None or (stop is not None and stop.is_set()):
+                    break
+                refused_before = [*item.batch.undecodable, *item.refused]
+                outcome = await self.sink.write_records(plan, item.records, refused_before)
                 result.synced += outcome.written
-                result.failed += len(rejected)
-                cursor = batch.last_id
+                result.failed += len(outcome.rejected)
+                self._log_rejections(result.table, outcome.rejected)
+                if marking is not None:
+                    await finish_even_if_cancelled(marking)
+                marking = asyncio.ensure_future(source.mark(item.batch, outcome.rejected))
+                cursor = item.batch.last_id
         finally:
-            if not pending.done():
-                pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            if marking is not None:
+                await finish_even_if_cancelled(marking)
+        return cursor
+
+    def _log_rejections(self, table: str, rejected: Sequence[Rejection]) -> None:
+        for rejection in rejected[:LOGGED_REJECTIONS_PER_BATCH]:
+            self.log.warning(
+                "sync.row_rejected", table=table, row_id=rejection.row_id, reason=rejection.reason
+            )
+        if len(rejected) > LOGGED_REJECTIONS_PER_BATCH:
+            self.log.warning(
+                "sync.rows_rejected",
+                table=table,
+                count=len(rejected),
+                note="see `host-agent status` for the full list",
+            )
 
     async def flush_journal(self) -> int:
         """Write locally kept runs to sync_logs, then forget them locally. Raises SinkError."""

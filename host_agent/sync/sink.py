@@ -27,7 +27,7 @@ import asyncpg
 from host_agent.errors import HostAgentError, SinkError
 from host_agent.sync.pg_errors import is_row_error, row_error_message, translate
 from host_agent.sync.pg_schema import apply_schema, check_schema, table_columns
-from host_agent.sync.table_plan import LocalRow, RowValueError, TablePlan, build_plan
+from host_agent.sync.table_plan import LocalRow, TablePlan, build_plan
 
 IDENTITY = ("host_identifier", "source_id")
 
@@ -153,13 +153,17 @@ class PostgresSink:
 
         Raises a `SinkError` (and commits nothing) when the connection or schema fails.
         """
-        outcome = WriteOutcome()
-        records: list[tuple[Any, ...]] = []
-        for row in rows:
-            try:
-                records.append(plan.to_record(row))
-            except RowValueError as exc:
-                outcome.rejected.append(Rejection(row[0], row[1], str(exc)))
+        records, refused = plan.prepare(rows)
+        return await self.write_records(plan, records, [Rejection(*r) for r in refused])
+
+    async def write_records(
+        self,
+        plan: TablePlan,
+        records: list[tuple[Any, ...]],
+        refused_before: Sequence[Rejection] = (),
+    ) -> WriteOutcome:
+        """Like `write`, for records already made by `plan.prepare`."""
+        outcome = WriteOutcome(rejected=list(refused_before))
         if not records:
             return outcome
         conn = self._connection()
@@ -190,7 +194,10 @@ class PostgresSink:
             if not is_row_error(exc):
                 raise
             if len(records) == 1:
-                return [(records[0], row_error_message(exc))]
+                reason = None
+                if not isinstance(exc, asyncpg.PostgresError):
+                    reason = plan.diagnose(records[0])
+                return [(records[0], reason or row_error_message(exc))]
         middle = len(records) // 2
         left = await self._write_isolating(conn, plan, records[:middle])
         right = await self._write_isolating(conn, plan, records[middle:])
