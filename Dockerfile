@@ -1,0 +1,14 @@
+# host-agent, as the dev stack's agent service (docker-compose.yml).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY host_agent ./host_agent
+COPY services ./services
+COPY config ./config
+RUN pip install --no-cache-dir -e . \
+    && useradd --system --create-home --home-dir /var/lib/host-agent host-agent
+USER host-agent
+VOLUME ["/var/lib/host-agent"]
+# Apply the schema (idempotent), then run until SIGTERM (docker stop).
+CMD ["sh", "-c", "host-agent init-db && exec host-agent run"]
+STOPSIGNAL SIGTERM
