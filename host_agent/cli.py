@@ -8,6 +8,9 @@ Exit codes (documented in the README):
   4  PostgreSQL refused the credentials or permissions
   5  PostgreSQL schema mismatch (run `host-agent init-db`)
   6  another agent is already running on this data directory
+  7  trigger-sync: no agent is running
+  8  trigger-sync: the agent belongs to another user
+  9  trigger-sync: the triggered sync did not finish in time
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="release quarantined rows, then ship everything unsynced and exit",
     )
+    trigger = sub.add_parser(
+        "trigger-sync", help="ask the running agent to sync now and wait for the result"
+    )
+    trigger.add_argument(
+        "--wait", type=float, default=120.0, metavar="SECONDS", help="how long to wait"
+    )
     status = sub.add_parser("status", help="local view: backlog, quarantine, last sync, backoff")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     run = sub.add_parser("run", help="run the agent (collectors and the sync loop) until stopped")
@@ -88,6 +97,14 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
         if error is not None:
             return _fail(str(error), error.exit_code)
         return 0
+    if args.command == "trigger-sync":
+        from host_agent.control import trigger_sync
+
+        triggered = trigger_sync(config, args.wait)
+        for table, (state, problem) in triggered.statuses.items():
+            print(f"{table}: {state}" + (f" ({problem})" if problem else ""))
+        print(f"agent pid {triggered.pid}: sync {'done' if triggered.ok else 'failed'}")
+        return 0 if triggered.ok else 3
     if args.command == "status":
         data = collect_status(config)
         print(json.dumps(data, indent=2) if args.json else render_status(data))

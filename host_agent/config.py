@@ -10,6 +10,7 @@ quoted in messages.
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import re
 import socket
@@ -39,6 +40,9 @@ class DatabaseConfig(_Section):
     desktop_activity_db: Path = Path("./data/desktop_activity.db")
     file_events_db: Path = Path("./data/file_changes.db")
     postgres_url: SecretStr | None = None
+    retention_days: float = Field(30, ge=0)
+    max_local_db_mb: float | None = Field(None, gt=0)
+    size_limit_policy: Literal["stop_collecting", "drop_oldest_unsynced"] = "stop_collecting"
 
     @field_validator("desktop_activity_db", "file_events_db")
     @classmethod
@@ -66,6 +70,23 @@ class DataSyncConfig(_Section):
     wake_delay_seconds: float = Field(10, ge=0)
     connect_timeout_seconds: float = Field(10, gt=0)
     command_timeout_seconds: float = Field(120, gt=0)
+
+
+class MetricsConfig(_Section):
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = Field(9465, ge=0, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        try:
+            loopback = ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = value == "localhost"
+        if not loopback:
+            raise ValueError("must be a loopback address (the endpoint is for this machine only)")
+        return value
 
 
 class LoggingConfig(_Section):
@@ -128,6 +149,7 @@ class AgentConfig(_Section):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     data_sync: DataSyncConfig = Field(default_factory=DataSyncConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     collectors: CollectorsConfig = Field(default_factory=CollectorsConfig)
 
     @field_validator("host_identifier")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from host_agent.config import AgentConfig, redact_url
+from host_agent.control import running_pid
 from host_agent.store.connection import connect
 from host_agent.store.migrations import migrate
 from host_agent.store.schema import NOT_QUARANTINED, TABLES, LocalTable
-from host_agent.wiring import table_path
+from host_agent.wiring import state_path, table_path
 
 QUARANTINE_LISTED = 20
 
@@ -66,6 +68,24 @@ def _table_status(conn: sqlite3.Connection, table: LocalTable, now: float) -> di
     }
 
 
+def _agent_status(config: AgentConfig) -> dict[str, Any]:
+    pid = running_pid(config)
+    if pid is None:
+        return {"running": False}
+    try:
+        published = json.loads(state_path(config).read_text())
+    except (OSError, ValueError):
+        published = {}
+    if published.get("pid") != pid:
+        published = {}  # not yet written by this agent
+    return {
+        "running": True,
+        "pid": pid,
+        "started_at": published.get("started_at"),
+        "collectors": published.get("collectors", {}),
+    }
+
+
 def collect_status(config: AgentConfig) -> dict[str, Any]:
     """Everything `status` shows, as plain data (JSON-ready). Blocking: SQLite only."""
     now = time.time()
@@ -81,16 +101,23 @@ def collect_status(config: AgentConfig) -> dict[str, Any]:
     return {
         "host_identifier": config.host,
         "postgres_url": redact_url(url) if url else None,
+        "agent": _agent_status(config),
         "tables": tables,
     }
 
 
 def render_status(status: dict[str, Any]) -> str:
     """The same data for a person."""
+    agent = status["agent"]
     lines = [
         f"host: {status['host_identifier']}",
         f"server: {status['postgres_url'] or '(not configured)'}",
+        f"agent: running, pid {agent['pid']}, since {agent['started_at'] or '?'}"
+        if agent["running"]
+        else "agent: not running",
     ]
+    for name, collector in agent.get("collectors", {}).items():
+        lines.append(f"  {name}: {collector['state']}, {collector['errors']} error(s)")
     for name, t in status["tables"].items():
         backoff = t["backoff"]
         lines.append("")

@@ -9,7 +9,7 @@ from pathlib import Path
 from host_agent.config import AgentConfig
 from host_agent.errors import ConfigError
 from host_agent.logging import register_secret
-from host_agent.store.schema import TABLES, LocalTable
+from host_agent.store.schema import FILE_CHANGES, TABLES, LocalTable
 from host_agent.sync.sink import PostgresSink
 from host_agent.sync.source import LocalSource
 
@@ -17,6 +17,11 @@ from host_agent.sync.source import LocalSource
 def table_path(config: AgentConfig, table: LocalTable) -> Path:
     path: Path = getattr(config.database, table.config_key)
     return path
+
+
+def state_path(config: AgentConfig) -> Path:
+    """Where the running agent publishes its state for `host-agent status`."""
+    return table_path(config, FILE_CHANGES).absolute().parent / "host-agent.state.json"
 
 
 def require_url(config: AgentConfig) -> str:

@@ -23,14 +23,20 @@ def apply_pragmas(conn: sqlite3.Connection) -> None:
         conn.execute(pragma)
 
 
-def connect(path: Path | str) -> sqlite3.Connection:
+def connect(path: Path | str, *, any_thread: bool = False) -> sqlite3.Connection:
     """Open `path` (creating its directory) in autocommit mode with WAL and a busy timeout.
 
     Autocommit (`isolation_level=None`) means callers open transactions explicitly with
-    `BEGIN`; nothing is committed behind their back.
+    `BEGIN`; nothing is committed behind their back. `any_thread=True` lifts sqlite3's
+    same-thread check; the caller must then serialise use of the connection itself.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        check_same_thread=not any_thread,
+    )
     apply_pragmas(conn)
     return conn

@@ -7,53 +7,79 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import structlog
+
 from host_agent.errors import StoreClosed
 from host_agent.store.connection import connect
 from host_agent.store.migrations import migrate
+from host_agent.store.retention import SizeLimit, make_room
 from host_agent.store.schema import LocalTable
 
 Row = Mapping[str, object]
+log = structlog.get_logger("host_agent.store")
 
 
 class RowWriter:
     """Writes rows of one local table. Blocking: call it from a worker thread, never the loop.
 
-    The connection belongs to the thread that first uses the writer's methods (sqlite3's rule),
-    so give each writer to a single thread. `on_commit`, if given, is called after every
-    commit that changed rows (the agent uses it to wake the sync loop); it must be cheap and
-    thread-safe. Closing twice is harmless; writing after close raises `StoreClosed`.
+    Calls are serialised by a lock, so any thread may write or close; a collector normally
+    keeps one writer on its own worker thread. `on_commit(inserted)`, if given, is called after
+    every commit that changed rows (the agent uses it to wake the sync loop and count rows);
+    it must be cheap and thread-safe. With a `limit`, inserts first make room (see
+    `retention.make_room`); rows dropped for it are counted in `dropped_rows`, logged loudly
+    and reported to `on_drop(count, reason)`. Closing twice is harmless; writing after close
+    raises `StoreClosed`.
     """
 
     def __init__(
         self,
         path: Path | str,
         table: LocalTable,
-        on_commit: Callable[[], object] | None = None,
+        on_commit: Callable[[int], object] | None = None,
+        *,
+        limit: SizeLimit | None = None,
+        on_drop: Callable[[int, str], object] | None = None,
     ) -> None:
         self.path = Path(path)
         self.table = table
         self._on_commit = on_commit
+        self._limit = limit
+        self._on_drop = on_drop
+        self.dropped_rows = 0
         self._conn: sqlite3.Connection | None = None
-        self._owner: int | None = None
+        self._lock = threading.RLock()
         self._closed = False
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
             raise StoreClosed(f"writer for {self.table.name} is closed")
         if self._conn is None:
-            self._conn = connect(self.path)
+            self._conn = connect(self.path, any_thread=True)
             migrate(self._conn, self.table)
-            self._owner = threading.get_ident()
         return self._conn
 
     def insert_many(self, rows: Sequence[Row]) -> list[int]:
         """Insert `rows` (dicts of column -> value) in one transaction; return their ids."""
         if not rows:
             return []
+        with self._lock:
+            return self._insert_many(rows)
+
+    def _insert_many(self, rows: Sequence[Row]) -> list[int]:
         conn = self._connection()
         ids: list[int] = []
+        dropped: list[tuple[int, str]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if self._limit is not None:
+                allowed, evicted = make_room(conn, self.table, self._limit, len(rows))
+                if evicted:
+                    dropped.append((evicted, "oldest unsynced rows deleted: local database full"))
+                if allowed < len(rows):
+                    dropped.append(
+                        (len(rows) - allowed, "new rows not stored: local database full")
+                    )
+                    rows = rows[:allowed]
             for row in rows:
                 columns = ", ".join(row)
                 marks = ", ".join("?" for _ in row)
@@ -67,7 +93,10 @@ class RowWriter:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._committed()
+        for count, reason in dropped:
+            self._dropped(count, reason)
+        if ids:
+            self._committed(len(ids))
         return ids
 
     def update(self, row_id: int, values: Row) -> None:
@@ -77,6 +106,10 @@ class RowWriter:
     def update_many(self, changes: Sequence[tuple[int, Row]]) -> None:
         if not changes:
             return
+        with self._lock:
+            self._update_many(changes)
+
+    def _update_many(self, changes: Sequence[tuple[int, Row]]) -> None:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -90,14 +123,28 @@ class RowWriter:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._committed()
+        self._committed(0)
 
-    def _committed(self) -> None:
+    def _committed(self, inserted: int) -> None:
         if self._on_commit is not None:
-            self._on_commit()
+            self._on_commit(inserted)
+
+    def _dropped(self, count: int, reason: str) -> None:
+        self.dropped_rows += count
+        log.error(
+            "store.rows_dropped",
+            table=self.table.name,
+            rows=count,
+            reason=reason,
+            limit_mb=round(self._limit.max_bytes / 2**20, 1) if self._limit else None,
+            policy=self._limit.policy if self._limit else None,
+        )
+        if self._on_drop is not None:
+            self._on_drop(count, reason)
 
     def close(self) -> None:
-        self._closed = True
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

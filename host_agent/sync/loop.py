@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,10 @@ class SyncLoop:
         self.consecutive_failures = 0
         self.next_attempt_at: float | None = None
         self.last_report: SyncReport | None = None
+        self.last_success_at: float | None = None
         self.runs = 0
+        # Called after every run with (report, duration in seconds); must not raise.
+        self.listeners: list[Callable[[SyncReport, float], None]] = []
         self._wake = asyncio.Event()
         self._trigger = asyncio.Event()
         self._run_done = asyncio.Condition()
@@ -80,17 +84,19 @@ class SyncLoop:
         while not stop.is_set():
             self._wake.clear()
             self._trigger.clear()
+            started = time.monotonic()
             report = await self.engine.sync_all(stop)
-            await self._after_run(report)
+            await self._after_run(report, time.monotonic() - started)
             if stop.is_set():
                 break
             await self._sleep(stop)
 
-    async def _after_run(self, report: SyncReport) -> None:
+    async def _after_run(self, report: SyncReport, duration: float) -> None:
         now = time.time()
         error = report.first_error
         if error is None:
             self.consecutive_failures = 0
+            self.last_success_at = now
             delay = self.interval
         else:
             self.consecutive_failures += 1
@@ -105,6 +111,8 @@ class SyncLoop:
                 error=str(error),
             )
         self.last_report = report
+        for listener in self.listeners:
+            listener(report, duration)
         async with self._run_done:
             self.runs += 1
             self._run_done.notify_all()

@@ -1,0 +1,421 @@
+"""Desktop activity: which application and window title has focus, and when the user is idle.
+
+A dedicated worker thread owns the X connection and the writer (RowWriter's connection belongs
+to the thread that first uses it, so that thread also closes it when run() ends) and polls
+every `poll_interval_seconds`; the session rules live in `sessions.SessionTracker`, the X
+queries in `x11_window`. The event loop only waits for `stop` and watches for an X request that
+hangs (a frozen server answers nothing, and python-xlib waits forever), which it breaks by
+shutting the connection's socket.
+
+Rows: a session is inserted when it starts (end_time NULL), extended every
+`checkpoint_interval_seconds` and given its final end when it closes. Times are whole epoch
+seconds from the injected clock, floored, so one session's end equals the next one's start.
+
+Outages (X server gone, display not openable, a request failing) close the open session at the
+last poll that saw it, are logged once when they begin and once when they end, and are retried
+with a doubling backoff; run() never raises for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+import Xlib.error
+
+from host_agent.collectors.sessions import (
+    Closed,
+    Command,
+    Extended,
+    Observation,
+    Opened,
+    Privacy,
+    Session,
+    SessionTracker,
+    WindowInfo,
+    gap_threshold,
+)
+from host_agent.collectors.x11_window import WINDOW_GONE_ERRORS, X11Connection, X11Unavailable
+from host_agent.config import DesktopCollectorConfig
+from host_agent.store.writer import RowWriter
+
+STATE_STARTING = "starting"
+STATE_RUNNING = "running"
+STATE_RECONNECTING = "reconnecting"
+STATE_NO_DISPLAY = "disabled: no X11 display"
+STATE_DISABLED = "disabled: by configuration"
+STATE_STOPPED = "stopped"
+STATE_FAILED = "failed: see log"
+
+_X_ERRORS: tuple[type[BaseException], ...] = (
+    Xlib.error.XError,
+    Xlib.error.DisplayError,
+    Xlib.error.ConnectionClosedError,
+    X11Unavailable,
+    OSError,
+)
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat()
+
+
+class DesktopActivityCollector:
+    """Records focused-window and idle sessions into `desktop_activity_sessions`.
+
+    `state` is "starting", "running", "reconnecting", "disabled: no X11 display",
+    "disabled: by configuration", "failed: see log" (a bug ended the worker) or "stopped".
+    `sessions_recorded` counts inserted session rows, `x_errors` counts failed X requests and
+    connection attempts. A writer serves one run(): the worker thread closes it at the end (see
+    the module docstring).
+    """
+
+    def __init__(
+        self,
+        config: DesktopCollectorConfig,
+        writer: RowWriter,
+        log: Any = None,
+        *,
+        display: str | None = None,
+        clock: Callable[[], float] = time.time,
+        reconnect_initial_seconds: float = 1.0,
+        reconnect_max_seconds: float = 30.0,
+        stall_timeout_seconds: float = 15.0,
+    ) -> None:
+        self.config = config
+        self.writer = writer
+        self._log: Any = (
+            log if log is not None else structlog.get_logger("host_agent.collectors.desktop")
+        )
+        self._display_name = display
+        self._clock = clock
+        self._backoff_initial = reconnect_initial_seconds
+        self._backoff_max = max(reconnect_max_seconds, reconnect_initial_seconds)
+        self._stall_timeout = stall_timeout_seconds
+        self._privacy = Privacy(config.exclude_applications, config.redact_title_patterns)
+        self._tracker = SessionTracker(
+            idle_timeout=config.idle_timeout_seconds,
+            checkpoint_interval=config.checkpoint_interval_seconds,
+            gap_threshold=gap_threshold(config.poll_interval_seconds),
+        )
+        self._row_id: int | None = None
+        self._lock = threading.Lock()  # guards _connection and _request_started across threads
+        self._connection: X11Connection | None = None
+        self._request_started: float | None = None  # monotonic; set while X requests run
+        self.state = STATE_STARTING
+        self.sessions_recorded = 0
+        self.x_errors = 0
+
+    # --- event loop side -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.config.enabled:
+            self.state = STATE_DISABLED
+            await stop.wait()
+            self.state = STATE_STOPPED
+            return
+        name = self._resolve_display()
+        if name is None:
+            self.state = STATE_NO_DISPLAY
+            await stop.wait()
+            self.state = STATE_STOPPED
+            return
+
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        halt = threading.Event()
+        thread = threading.Thread(
+            target=self._thread_main,
+            args=(name, halt, loop, finished),
+            name="desktop-collector",
+            # Only a request hung beyond even abort() could keep it alive; it must not
+            # keep the process from exiting then.
+            daemon=True,
+        )
+        thread.start()
+        try:
+            await self._supervise(stop, finished)
+        finally:
+            halt.set()
+            await self._join(finished)
+        if not stop.is_set():
+            # Only a bug ends the worker early (it was logged there); the contract is to
+            # return when asked to, so the rest of the agent keeps running meanwhile.
+            self.state = STATE_FAILED
+            await stop.wait()
+        self.state = STATE_STOPPED
+
+    def _resolve_display(self) -> str | None:
+        name = (
+            self._display_name if self._display_name is not None else os.environ.get("DISPLAY", "")
+        )
+        wayland = os.environ.get("WAYLAND_DISPLAY")
+        if not name:
+            self._log.warning(
+                "desktop.disabled",
+                reason="no X11 display (DISPLAY is not set)"
+                + ("; Wayland sessions without XWayland are not supported" if wayland else ""),
+                wayland_display=wayland,
+            )
+            return None
+        if wayland:
+            self._log.warning(
+                "desktop.xwayland",
+                display=name,
+                note="Wayland session: only X11 (XWayland) windows are visible to this collector",
+            )
+        return name
+
+    async def _supervise(self, stop: asyncio.Event, finished: asyncio.Future[None]) -> None:
+        stop_waiter = asyncio.ensure_future(stop.wait())
+        waiting: set[asyncio.Future[Any]] = {stop_waiter, finished}
+        period = max(0.05, min(1.0, self._stall_timeout / 4))
+        try:
+            while not (stop_waiter.done() or finished.done()):
+                await asyncio.wait(waiting, timeout=period, return_when=asyncio.FIRST_COMPLETED)
+                self._break_stalled_request()
+        finally:
+            stop_waiter.cancel()
+            with suppress(asyncio.CancelledError):
+                await stop_waiter
+
+    def _break_stalled_request(self) -> None:
+        with self._lock:
+            started, connection = self._request_started, self._connection
+            if started is None or connection is None:
+                return
+            if time.monotonic() - started < self._stall_timeout:
+                return
+            self._request_started = None  # one abort per stuck request
+        self._log.warning(
+            "desktop.x11_stalled",
+            display=connection.name,
+            waited_seconds=round(time.monotonic() - started, 1),
+        )
+        connection.abort()
+
+    async def _join(self, finished: asyncio.Future[None]) -> None:
+        # The thread notices `halt` within one poll; a request hung on a frozen server needs
+        # its socket shut first (the watchdog may not have fired yet when stop came).
+        grace = self.config.poll_interval_seconds + 1.0
+        done, _ = await asyncio.wait({finished}, timeout=grace)
+        if not done:
+            with self._lock:
+                connection = self._connection
+            if connection is not None:
+                connection.abort()
+            await asyncio.wait({finished})
+
+    def _thread_main(
+        self,
+        name: str,
+        halt: threading.Event,
+        loop: asyncio.AbstractEventLoop,
+        finished: asyncio.Future[None],
+    ) -> None:
+        try:
+            self._work(name, halt)
+        except BaseException as exc:  # a bug: say so loudly, but keep the agent alive
+            self._log.error("desktop.collector_crashed", error=exc, exc_info=True)
+        finally:
+            # The writer's SQLite connection is bound to this thread: sqlite3 refuses close()
+            # from any other, the agent's included. Closing twice is harmless, so the agent's
+            # own close() afterwards is a no-op (the filesystem collector does the same).
+            with suppress(Exception):
+                self.writer.close()
+            with suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, finished)
+
+    # --- worker thread -------------------------------------------------------------------
+
+    def _work(self, name: str, halt: threading.Event) -> None:
+        backoff = self._backoff_initial
+        outage_since: float | None = None  # monotonic start of the current outage
+        attempts = 0
+        while not halt.is_set():
+            try:
+                connection = X11Connection(name, probe_timeout=self._probe_timeout())
+            except Exception as exc:
+                self.x_errors += 1
+                attempts += 1
+                self.state = STATE_RECONNECTING
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    self._log.warning(
+                        "desktop.x11_unavailable",
+                        display=name,
+                        error=_describe(exc),
+                        retry_in_seconds=backoff,
+                    )
+                else:
+                    self._log.debug(
+                        "desktop.x11_connect_failed", display=name, error=_describe(exc)
+                    )
+                if halt.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+
+            with self._lock:
+                self._connection = connection
+            self.state = STATE_RUNNING
+            if outage_since is not None:
+                self._log.info(
+                    "desktop.x11_reconnected",
+                    display=name,
+                    down_seconds=round(time.monotonic() - outage_since, 1),
+                    attempts=attempts,
+                )
+            else:
+                self._log.info(
+                    "desktop.x11_connected", display=name, idle_detection=connection.has_idle
+                )
+            if not connection.has_idle:
+                self._log.warning(
+                    "desktop.no_idle_detection",
+                    display=name,
+                    reason="X server lacks MIT-SCREEN-SAVER; idle time counts as activity",
+                )
+            outage_since, attempts = None, 0
+            connected_at = time.monotonic()
+            try:
+                self._poll(connection, halt)
+            except Exception as exc:
+                self.state = STATE_RECONNECTING
+                outage_since = time.monotonic()
+                if isinstance(exc, _X_ERRORS):
+                    self.x_errors += 1
+                    self._log.warning(
+                        "desktop.x11_connection_lost", display=name, error=_describe(exc)
+                    )
+                else:
+                    self._log.error(
+                        "desktop.poll_failed", display=name, error=_describe(exc), exc_info=True
+                    )
+                self._apply_safely(self._tracker.interrupt())
+            finally:
+                with self._lock:
+                    self._connection = None
+                    self._request_started = None
+                connection.close()
+            if halt.is_set():
+                break
+            # A connection that held for a while resets the backoff; one that fails right
+            # away again (a request erroring on every poll) must not be retried in a tight loop.
+            if time.monotonic() - connected_at >= self._backoff_max:
+                backoff = self._backoff_initial
+            if halt.wait(backoff):
+                break
+            backoff = min(backoff * 2, self._backoff_max)
+
+        self._apply_safely(self._tracker.finish(self._clock()))
+
+    def _probe_timeout(self) -> float:
+        return min(self._stall_timeout, 5.0)
+
+    def _poll(self, connection: X11Connection, halt: threading.Event) -> None:
+        while not halt.is_set():
+            observed = self._observe(connection)
+            if observed is not None:
+                previous, gaps = self._tracker.last_observation, self._tracker.gaps
+                commands = self._tracker.observe(observed)
+                if self._tracker.gaps != gaps and previous is not None:
+                    self._log.info(
+                        "desktop.gap_detected",
+                        seconds=round(observed.time - previous, 1),
+                        note="session closed at the last poll before the gap",
+                    )
+                self._apply(commands)
+            halt.wait(self.config.poll_interval_seconds)
+
+    def _observe(self, connection: X11Connection) -> Observation | None:
+        with self._lock:
+            self._request_started = time.monotonic()
+        try:
+            window: WindowInfo | None = None
+            # A window destroyed between our requests raises BadWindow; the focus has moved
+            # on, so ask again once before giving up on this poll.
+            for attempt in range(2):
+                try:
+                    window = connection.focused_window()
+                    break
+                except WINDOW_GONE_ERRORS:
+                    self.x_errors += 1
+                    if attempt:
+                        return None
+            idle = connection.idle_seconds()
+        finally:
+            with self._lock:
+                self._request_started = None
+        # Read after the requests: a request that hung shows up as a gap, not as activity.
+        return Observation(self._clock(), self._privacy.activity(window), idle)
+
+    def _apply_safely(self, commands: Sequence[Command]) -> None:
+        try:
+            self._apply(commands)
+        except Exception as exc:
+            self._row_id = None
+            self._log.error("desktop.store_write_failed", error=_describe(exc), exc_info=True)
+
+    def _apply(self, commands: Sequence[Command]) -> None:
+        for command in commands:
+            if isinstance(command, Opened):
+                # Cleared first: if the insert fails, later updates must not hit the old row.
+                self._row_id = None
+                (self._row_id,) = self.writer.insert_many([self._start_row(command.session)])
+                self.sessions_recorded += 1
+                self._log.debug(
+                    "desktop.session_started",
+                    application=command.session.application,
+                    idle=command.session.is_idle,
+                )
+            elif isinstance(command, (Extended, Closed)):
+                if self._row_id is None:
+                    continue
+                self.writer.update(self._row_id, self._end_values(command.session, command.end))
+                if isinstance(command, Closed):
+                    self._row_id = None
+                    self._log.debug(
+                        "desktop.session_closed",
+                        application=command.session.application,
+                        reason=command.reason,
+                        seconds=round(command.end - command.session.start, 1),
+                    )
+
+    def _start_row(self, session: Session) -> dict[str, object]:
+        start = int(session.start)
+        return {
+            "start_time": start,
+            "start_time_iso": _iso(start),
+            "end_time": None,
+            "end_time_iso": None,
+            "duration_seconds": None,
+            "application_name": session.application,
+            "window_title": session.title,
+            "process_name": session.process_name,
+            "pid": session.pid,
+            "is_idle": int(session.is_idle),
+            "created_at": int(self._clock()),
+        }
+
+    @staticmethod
+    def _end_values(session: Session, end: float) -> dict[str, object]:
+        start, stop = int(session.start), int(end)
+        return {"end_time": stop, "end_time_iso": _iso(stop), "duration_seconds": stop - start}
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

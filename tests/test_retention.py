@@ -1,0 +1,94 @@
+"""Bounded local disk: retention prunes only shipped rows; the size cap follows its policy."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from support.data import file_event, local_query
+
+from host_agent.store import FILE_CHANGES, RowWriter, connect
+from host_agent.store.retention import SizeLimit, prune_synced, used_bytes
+
+
+def test_retention_prunes_only_rows_already_shipped(tmp_path: Path) -> None:
+    path = tmp_path / "f.db"
+    now = int(time.time())
+    old, new = now - 40 * 86400, now - 86400
+    writer = RowWriter(path, FILE_CHANGES)
+    try:
+        ids = writer.insert_many(
+            [
+                file_event(0, now=old),
+                file_event(1, now=old),
+                file_event(2, now=new),
+                file_event(3, now=old),
+            ]
+        )
+    finally:
+        writer.close()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "UPDATE file_change_events SET synced_at = ? WHERE id IN (?, ?, ?)",
+        (now, ids[0], ids[2], ids[3]),
+    )
+    conn.commit()
+    conn.close()
+
+    conn = connect(path)
+    try:
+        assert prune_synced(conn, FILE_CHANGES, now - 30 * 86400) == 2
+    finally:
+        conn.close()
+    # The old unsynced row stays, however old; the recent shipped one stays too.
+    assert [r[0] for r in local_query(path, "SELECT id FROM file_change_events ORDER BY id")] == [
+        ids[1],
+        ids[2],
+    ]
+
+
+def fill(writer: RowWriter, count: int, start: int = 0) -> list[int]:
+    big = "x" * 2000
+    return writer.insert_many([file_event(start + i, project_name=big) for i in range(count)])
+
+
+def test_size_cap_stop_collecting_drops_new_rows_loudly_and_keeps_unsynced(tmp_path: Path) -> None:
+    path = tmp_path / "f.db"
+    drops: list[int] = []
+    limit = SizeLimit(max_bytes=400_000, policy="stop_collecting")
+    writer = RowWriter(path, FILE_CHANGES, limit=limit, on_drop=lambda n, _r: drops.append(n))
+    try:
+        stored = 0
+        for batch in range(40):
+            stored += len(fill(writer, 10, batch * 10))
+    finally:
+        writer.close()
+    assert 0 < stored < 400
+    assert sum(drops) == writer.dropped_rows == 400 - stored
+    rows = local_query(path, "SELECT count(*), min(id) FROM file_change_events")
+    assert rows == [(stored, 1)]  # the oldest unsynced rows are all kept
+
+
+def test_size_cap_frees_shipped_rows_first_then_drops_oldest_unsynced(tmp_path: Path) -> None:
+    path = tmp_path / "f.db"
+    limit = SizeLimit(max_bytes=400_000, policy="drop_oldest_unsynced")
+    writer = RowWriter(path, FILE_CHANGES, limit=limit)
+    try:
+        first = fill(writer, 100)
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE file_change_events SET synced_at = 1 WHERE id <= ?", (first[49],))
+        conn.commit()
+        conn.close()
+        for batch in range(1, 40):
+            assert len(fill(writer, 10, 1000 + batch * 10)) == 10  # new rows always stored
+    finally:
+        writer.close()
+    remaining = [r[0] for r in local_query(path, "SELECT id FROM file_change_events ORDER BY id")]
+    assert not set(first[:50]) & set(remaining), "shipped rows go first"
+    assert writer.dropped_rows > 0 and remaining[-1] == first[-1] + 390
+    conn = connect(path)
+    try:
+        assert used_bytes(conn) < 400_000 + 64 * 1024
+    finally:
+        conn.close()
