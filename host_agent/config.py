@@ -27,6 +27,9 @@ from host_agent.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 ENV_PREFIX = "HOST_AGENT_"
 ENV_CONFIG_PATH = "HOST_AGENT_CONFIG"
+# HOST_AGENT_* variables that are not configuration keys: the config file's path, the
+# PostgreSQL binaries for the embedded server (localpg), the schema files (pg_schema).
+NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, "HOST_AGENT_PG_BIN", "HOST_AGENT_SCHEMA_DIR"})
 SECRET_KEYS = frozenset({"database.postgres_url"})
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -260,7 +263,7 @@ def env_name(dotted_key: str) -> str:
 def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
     known = {env_name(k): tuple(k.split(".")) for k in all_keys()}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+        if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         path = known.get(name)
         if path is None:

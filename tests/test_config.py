@@ -38,6 +38,11 @@ def test_env_references_and_overrides() -> None:
     assert redact_url(config.postgres_url or "") == "postgresql://agent:***@db.example:5433/events"
 
 
+def test_variables_that_are_not_config_keys_are_not_mistaken_for_overrides() -> None:
+    env = {"HOST_AGENT_PG_BIN": "/opt/pg/bin", "HOST_AGENT_SCHEMA_DIR": "/srv/schema"}
+    assert parse_config({}, env=env).data_sync.batch_size == 5000
+
+
 def test_every_key_has_an_environment_override() -> None:
     for key in all_keys():
         assert env_name(key).startswith("HOST_AGENT_")
