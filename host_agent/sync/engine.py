@@ -39,13 +39,16 @@ class TableResult:
     synced: int = 0
     failed: int = 0
     error: SinkError | None = None
+    interrupted: bool = False  # stopped for shutdown with rows left to ship
     started_at: float = field(default_factory=time.time)
     completed_at: float | None = None
 
     @property
     def status(self) -> str:
-        if self.error is None and self.failed == 0:
+        if self.error is None and self.failed == 0 and not self.interrupted:
             return "success"
+        if self.interrupted and self.error is None:
+            return "partial_success"
         if self.synced > 0:
             return "partial_success"
         return "failed"
@@ -54,6 +57,10 @@ class TableResult:
         message = None
         if self.error is not None:
             message = redact(str(self.error))
+        elif self.interrupted:
+            message = "stopped for shutdown before every row was shipped"
+            if self.failed:
+                message += f"; {self.failed} row(s) rejected and quarantined"
         elif self.failed:
             message = f"{self.failed} row(s) rejected by PostgreSQL and quarantined locally"
         return SyncRunRecord(
@@ -263,7 +270,10 @@ class SyncEngine:
         try:
             while True:
                 item = await ready.get()
-                if item is None or (stop is not None and stop.is_set()):
+                if item is None:
+                    break
+                if stop is not None and stop.is_set():
+                    result.interrupted = True
                     break
                 refused_before = [*item.batch.undecodable, *item.refused]
                 outcome = await self.sink.write_records(plan, item.records, refused_before)

@@ -45,12 +45,14 @@ class SyncLoop:
         interval: float,
         backoff: BackoffPolicy,
         wake_delay: float,
+        shutdown_grace: float = 10.0,
         log: Any = None,
     ) -> None:
         self.engine = engine
         self.interval = interval
         self.backoff = backoff
         self.wake_delay = wake_delay
+        self.shutdown_grace = shutdown_grace
         self.log = log or structlog.get_logger("host_agent.sync")
         self.consecutive_failures = 0
         self.next_attempt_at: float | None = None
@@ -85,11 +87,34 @@ class SyncLoop:
             self._wake.clear()
             self._trigger.clear()
             started = time.monotonic()
-            report = await self.engine.sync_all(stop)
+            report = await self._run_once(stop)
+            if report is None:
+                break
             await self._after_run(report, time.monotonic() - started)
             if stop.is_set():
                 break
             await self._sleep(stop)
+
+    async def _run_once(self, stop: asyncio.Event) -> SyncReport | None:
+        """One engine run. When `stop` is set meanwhile, the run has `shutdown_grace`
+        seconds to finish its batch (it stops between batches by itself); after that it is
+        cancelled: a connect or retry in progress ends, an uncommitted batch is dropped with
+        its connection (the server rolls it back), a marking in progress completes."""
+        run = asyncio.ensure_future(self.engine.sync_all(stop))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                await asyncio.wait({run}, timeout=self.shutdown_grace)
+            if not run.done():
+                self.log.warning("sync.abandoned_for_shutdown", grace_seconds=self.shutdown_grace)
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+                return None
+            return run.result()
+        finally:
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
 
     async def _after_run(self, report: SyncReport, duration: float) -> None:
         now = time.time()
