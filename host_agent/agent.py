@@ -44,6 +44,7 @@ from host_agent.wiring import make_sink, open_sources, state_path, table_path
 log = structlog.get_logger("host_agent.agent")
 HOUSEKEEPING_SECONDS = 15.0
 RETENTION_EVERY_SECONDS = 3600.0
+COLLECTOR_READY_SECONDS = 30.0
 
 
 class Agent:
@@ -164,6 +165,32 @@ class Agent:
 
     # -- running -----------------------------------------------------------------------------
 
+    async def _collectors_ready(self, stop: asyncio.Event) -> None:
+        """Wait until every collector that says when it is ready (a `ready` event) records,
+        so READY=1 means "changes from now on are recorded". Bounded; a stop ends it."""
+        pending = {
+            collector_name(c): c.ready
+            for c in self.collectors
+            if isinstance(getattr(c, "ready", None), asyncio.Event)
+        }
+
+        async def all_ready() -> None:
+            for event in pending.values():
+                await event.wait()
+
+        waits = [asyncio.ensure_future(all_ready()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=COLLECTOR_READY_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        slow = [name for name, event in pending.items() if not event.is_set()]
+        if slow and not stop.is_set():
+            log.warning("agent.collectors_not_ready", collectors=slow)
+
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         sync_settings = self.config.data_sync
@@ -216,18 +243,19 @@ class Agent:
                 await server.start()
                 stack.push_async_callback(server.close)
                 self.health_server = server
-            log.info(
-                "agent.started",
-                host=self.config.host,
-                pid=os.getpid(),
-                sync=sync_settings.enabled,
-                collectors=[collector_name(c) for c in self.collectors],
-            )
-            self.started.set()
-            systemd.notify("READY=1")
             async with asyncio.TaskGroup() as group:
                 for make in tasks:
                     group.create_task(make())
+                await self._collectors_ready(stop)
+                log.info(
+                    "agent.started",
+                    host=self.config.host,
+                    pid=os.getpid(),
+                    sync=sync_settings.enabled,
+                    collectors=[collector_name(c) for c in self.collectors],
+                )
+                self.started.set()
+                systemd.notify("READY=1")
             systemd.notify("STOPPING=1")
         log.info("agent.stopped")
 

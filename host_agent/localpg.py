@@ -538,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="cluster base directory")
     parser.add_argument("--port", type=int, help="TCP port (default: a free one, kept)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    parser.add_argument("--db", default="postgres", help="database name for `url`")
     args = parser.parse_args(argv)
     try:
         pg = LocalPostgres(args.dir, port=args.port)
@@ -550,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("running" if running else "stopped")
             return 0 if running else 3
         else:
-            print(pg.url())
+            print(pg.url(args.db))
     except LocalPostgresError as exc:
         print(f"localpg: {exc}", file=sys.stderr)
         return 1

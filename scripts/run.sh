@@ -5,7 +5,7 @@
 # with this machine's PostgreSQL binaries, applies the schema, and runs the agent against it.
 #
 #   scripts/run.sh                 # config/config.yaml, or $HOST_AGENT_CONFIG
-#   scripts/run.sh --config FILE
+#   scripts/run.sh --config FILE [--local-postgres DIR]   # DIR default: ./data/postgres
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +18,10 @@ if [ ! -x .venv/bin/host-agent ] || [ pyproject.toml -nt .venv/.run-installed ];
 fi
 
 global=()
+local_pg=./data/postgres
 while [ $# -gt 0 ]; do
     case "$1" in
+        --local-postgres) local_pg="$2"; shift 2 ;;
         --config) global+=("$1" "$2"); shift 2 ;;
         --config=*|--log-format=*|--log-level=*) global+=("$1"); shift ;;
         --log-format|--log-level) global+=("$1" "$2"); shift 2 ;;
@@ -27,4 +29,4 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-exec .venv/bin/host-agent "${global[@]}" run --local-postgres ./data/postgres
+exec .venv/bin/host-agent "${global[@]}" run --local-postgres "$local_pg"

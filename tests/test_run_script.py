@@ -1,0 +1,81 @@
+"""The README's run command: scripts/run.sh with no PostgreSQL configured starts its own."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.agent_process import agent_env, wait_until, write_config
+from support.data import pg_fetch_sync
+from support.pg import require_pg_binaries
+
+from host_agent.localpg import LocalPostgres
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def embedded_dir() -> Iterator[Path]:
+    require_pg_binaries()
+    # Not tmp_path: as root the server runs as the postgres user, who cannot enter it.
+    base = Path(tempfile.mkdtemp(prefix="host-agent-run-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base / "postgres"
+    finally:
+        if (base / "postgres" / "pgdata").exists():
+            LocalPostgres(base / "postgres").stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_run_sh_starts_an_embedded_postgres_and_ships_collected_rows(
+    tmp_path: Path, embedded_dir: Path
+) -> None:
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    config = write_config(
+        tmp_path / "config.yaml",
+        url=None,
+        data_dir=tmp_path / "data",
+        collectors={"filesystem": {"enabled": True, "roots": [str(watched)], "coalesce_ms": 50}},
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(120)  # the first start runs initdb
+    env = agent_env(data_sync_wake_delay_seconds=0.2)
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    run = [str(ROOT / "scripts" / "run.sh"), "--config", str(config)]
+    with (tmp_path / "run.out").open("wb") as out:
+        proc = subprocess.Popen(
+            [*run, "--local-postgres", str(embedded_dir)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert notify.recv(64) == b"READY=1", (tmp_path / "run.out").read_text()
+        (watched / "hello.txt").write_text("hi")
+        url = LocalPostgres(embedded_dir).url("host_agent")
+        wait_until(
+            lambda: pg_fetch_sync(
+                url, "SELECT 1 FROM file_change_events WHERE file_name = 'hello.txt'"
+            ),
+            60,
+            "the collected file in the embedded PostgreSQL",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "run.out").read_text()
+        assert not LocalPostgres(embedded_dir).is_running(), "run.sh stops what it started"
+        assert LocalPostgres(embedded_dir).password not in (tmp_path / "run.out").read_text()
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
