@@ -62,11 +62,25 @@ def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
     return redact(rendered) if isinstance(rendered, str) else rendered
 
 
+class _StreamLogger:
+    """Writes each rendered line to `stream`, or to whatever `sys.stderr` is at that moment
+    (so replacing stderr later, as test runners and daemon managers do, is followed)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        stream = self._stream or sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+
+
 def configure_logging(
     level: str = "info", fmt: str = "console", stream: TextIO | None = None
 ) -> None:
     """Configure structlog for the process. Logs go to stderr unless `stream` is given."""
-    stream = stream or sys.stderr
     numeric = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -82,12 +96,12 @@ def configure_logging(
         ]
     else:
         processors += [
-            structlog.dev.ConsoleRenderer(colors=stream.isatty()),
+            structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty()),
             _redact_rendered,
         ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *_args: _StreamLogger(stream),
         cache_logger_on_first_use=False,
     )

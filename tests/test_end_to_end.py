@@ -65,6 +65,15 @@ def test_real_window_switches_and_file_changes_arrive_in_postgres(
         desktop.activate(beta.window_id)
         (watched / "project" / "main.py").write_text("print('hi')\n")
         (watched / "notes.md").write_text("# notes\n")
+        # A focus change is seen at the next poll: switch back only once it has been.
+        wait_until(
+            lambda: pg_fetch_sync(
+                schema_url,
+                "SELECT 1 FROM desktop_activity_sessions WHERE application_name = 'BetaTerm'",
+            ),
+            30,
+            "the second window's session in PostgreSQL",
+        )
         desktop.activate(alpha.window_id)
 
         def arrived() -> bool:

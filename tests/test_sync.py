@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -174,13 +175,17 @@ async def test_rows_changed_while_a_sync_runs_are_never_marked_with_a_version_no
 
     thread = threading.Thread(target=keep_changing)
     thread.start()
+    runs = 0
+    deadline = time.monotonic() + 60
     try:
-        for _ in range(3):
+        # Keep syncing while the writer changes rows, until it has raced several runs.
+        while (runs < 3 or changes < 200) and time.monotonic() < deadline:
             await sync_once(config)
+            runs += 1
     finally:
         stop.set()
         thread.join(timeout=30)
-    assert changes > 50, "the writer must have raced the sync"
+    assert changes >= 200 and runs >= 3, "the writer must have raced the sync"
     await sync_once(config)  # quiet now: everything unsynced ships
 
     local = local_query(
