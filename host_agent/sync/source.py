@@ -4,6 +4,11 @@ Reads are keyset-paginated (`id > last id ORDER BY id LIMIT n` over the `synced_
 batch costs the same whatever the backlog. Marking a shipped batch is one range UPDATE guarded
 by the file's change counter as it was *before* the batch was read: a row changed after the
 read has a newer version and stays unsynced, so a version that was not shipped is never marked.
+
+Marking has a connection (and so a thread) of its own, so the next batch is read while the last
+one is marked (WAL lets one writer and readers work at once). That connection commits with
+`synchronous=NORMAL`: a mark lost to a power cut only means the batch is shipped again, which
+the idempotent sink makes harmless. Collectors' rows are written with `synchronous=FULL`.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class LocalSource:
         self.path = Path(path)
         self.table = table
         self._db: aiosqlite.Connection | None = None
+        self._marker: aiosqlite.Connection | None = None
         self._closed = False
 
     async def open(self) -> None:
@@ -74,20 +80,29 @@ class LocalSource:
         if self._db is not None:
             return
         await asyncio.to_thread(prepare_file, self.path, self.table)
+        self._db = await self._connect()
+        try:
+            self._marker = await self._connect("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self, *extra: str) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
-            for pragma in PRAGMAS:
+            for pragma in (*PRAGMAS, *extra):
                 await db.execute(pragma)
         except BaseException:
             await db.close()
             raise
-        self._db = db
+        return db
 
     async def close(self) -> None:
         self._closed = True
-        db, self._db = self._db, None
-        if db is not None:
-            await db.close()
+        for db in (self._db, self._marker):
+            if db is not None:
+                await db.close()
+        self._db = self._marker = None
 
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -146,7 +161,9 @@ class LocalSource:
         self, batch: Batch, rejected: Sequence[Rejection], now: float | None = None
     ) -> None:
         """In one transaction: quarantine `rejected`, mark the rest of the batch synced."""
-        db = self._conn()
+        db = self._marker
+        if db is None:
+            raise StoreClosed(f"source {self.table.name} is not open")
         stamp = int(now if now is not None else time.time())
         name = self.table.name
         await db.execute("BEGIN IMMEDIATE")
