@@ -9,6 +9,9 @@ cluster, then measures
 Prints rows/s for both, the ratio (b)/(a), and the agent's peak RSS.
 
     .venv/bin/python scripts/bench_sync.py [--rows 1000000] [--batch-size N]
+
+To profile the agent, set BENCH_AGENT_PREFIX to a command that wraps it, for example
+`BENCH_AGENT_PREFIX="py-spy record --threads -f raw -o prof.txt --"`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import argparse
 import csv
 import os
 import random
-import resource
 import shutil
 import sqlite3
 import subprocess
@@ -161,9 +163,10 @@ def main() -> int:
         if args.batch_size:
             env["HOST_AGENT_DATA_SYNC_BATCH_SIZE"] = str(args.batch_size)
         agent = shutil.which("host-agent", path=str(ROOT / ".venv" / "bin")) or "host-agent"
+        prefix = os.environ.get("BENCH_AGENT_PREFIX", "").split()
         started = time.perf_counter()
         proc = subprocess.Popen(
-            [agent, "--config", str(config), "--log-level", "warning", "sync", "--once"],
+            [*prefix, agent, "--config", str(config), "--log-level", "warning", "sync", "--once"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
@@ -192,7 +195,6 @@ def main() -> int:
               f"  (batch_size {batch})")  # fmt: skip
         print(f"ratio (b)/(a):             {agent_rate / ref_rate:8.2f}")
         print(f"agent peak RSS:            {peak_rss_mb:8.1f} MB")
-        _ = resource  # rusage comes from wait4
         return 0
     finally:
         try:

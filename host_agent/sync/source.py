@@ -182,9 +182,9 @@ class LocalSource:
             )
             # Quarantine entries of rows that have since been shipped in a newer version.
             await db.execute(
-                "DELETE FROM sync_rejected_rows WHERE row_id BETWEEN ? AND ? AND row_id IN "
-                f"(SELECT id FROM {name} WHERE id BETWEEN ? AND ? AND synced_at IS NOT NULL)",
-                (batch.first_id, batch.last_id, batch.first_id, batch.last_id),
+                "DELETE FROM sync_rejected_rows AS q WHERE q.row_id BETWEEN ? AND ? AND EXISTS "
+                f"(SELECT 1 FROM {name} t WHERE t.id = q.row_id AND t.synced_at IS NOT NULL)",
+                (batch.first_id, batch.last_id),
             )
             await db.execute("COMMIT")
         except BaseException:
