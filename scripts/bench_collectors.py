@@ -12,7 +12,16 @@ The file operations run in a child process so they do not share the collector's 
 lock. The watched root defaults to /dev/shm (tmpfs) when it exists, because the point is the
 collector's throughput, not the disk's; the SQLite file stays on the normal temp directory.
 
-    .venv/bin/python scripts/bench_collectors.py --files 50000
+Part b (footprint): `host-agent run` as a real process with both collectors on (the desktop
+monitor on an Xvfb display with openbox and a focused xterm; the watcher over a tree of
+`--tree-dirs` directories), syncing to a private PostgreSQL started by the script. Once the
+agent reports READY=1 over $NOTIFY_SOCKET (as it would to systemd), nothing touches it for
+`--idle-seconds`; the script reports the CPU time it used in that window (from /proc/PID/stat)
+as a share of one core, and its RSS at the end and at its peak (VmRSS, VmHWM).
+Targets: under 1% of a core, under 80 MB RSS.
+
+    .venv/bin/python scripts/bench_collectors.py --files 50000 --idle-seconds 60
+    .venv/bin/python scripts/bench_collectors.py --part idle
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ import argparse
 import asyncio
 import os
 import shutil
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,6 +219,152 @@ def print_table(
     )
 
 
+# --- part b: the idle footprint of the real agent process --------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    values: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+def table_rows(db: Path, table: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def log_tail(work_dir: Path, lines: int = 20) -> str:
+    text = (work_dir / "agent.log").read_text(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
+    import yaml
+
+    from host_agent.localpg import LocalPostgres
+    from tests.support.x11 import Desktop
+
+    root_dir = Path(__file__).resolve().parent.parent
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-idle-", dir="/tmp"))
+    work_dir.chmod(0o755)
+    pg = LocalPostgres(work_dir / "pg")
+    desktop = Desktop(work_dir)
+    agent: subprocess.Popen[bytes] | None = None
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        desktop.start_xvfb()
+        desktop.start_openbox()
+        desktop.activate(desktop.xterm("editor - notes.md", "BenchTerm").window_id)
+
+        watched = work_dir / "projects"
+        for d in range(tree_dirs):
+            sub = watched / f"project{d % 20:02d}" / f"src{d:05d}"
+            sub.mkdir(parents=True)
+            for f in range(5):
+                (sub / f"file{f}.py").write_text("print('hello')\n")
+        (watched / "project00" / ".git").mkdir()
+
+        pg.ensure_initialized()
+        pg.start()
+        pg.create_database("agent")
+        config = work_dir / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "host_identifier": "bench-idle",
+                    "database": {
+                        "desktop_activity_db": str(work_dir / "data" / "desktop_activity.db"),
+                        "file_events_db": str(work_dir / "data" / "file_changes.db"),
+                        "postgres_url": pg.url("agent"),
+                    },
+                    "collectors": {
+                        "desktop": {"enabled": True},
+                        "filesystem": {"enabled": True, "roots": [str(watched)]},
+                    },
+                }
+            )
+        )
+        init = subprocess.run(
+            [sys.executable, "-m", "host_agent", "--config", str(config), "init-db"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if init.returncode != 0:
+            raise SystemExit(f"init-db failed: {init.stderr.strip()}")
+
+        notify_path = str(work_dir / "notify.sock")
+        notify.bind(notify_path)
+        notify.settimeout(60)
+        env = {k: v for k, v in desktop.env.items() if not k.startswith("HOST_AGENT_")}
+        env["NOTIFY_SOCKET"] = notify_path
+        with open(work_dir / "agent.log", "wb") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "host_agent", "--config", str(config), "run"],
+                env=env, cwd=root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        try:
+            while notify.recv(256) != b"READY=1":
+                pass
+        except TimeoutError:
+            raise SystemExit(f"the agent did not become ready:\n{log_tail(work_dir)}") from None
+
+        cpu_before, started = cpu_seconds(agent.pid), time.monotonic()
+        time.sleep(idle_seconds)  # the measurement itself: a fixed idle window
+        cpu_used, wall = cpu_seconds(agent.pid) - cpu_before, time.monotonic() - started
+        if agent.poll() is not None:
+            raise SystemExit(f"the agent exited:\n{log_tail(work_dir)}")
+        memory = memory_mb(agent.pid)
+        share = 100 * cpu_used / wall
+        data = work_dir / "data"
+        sessions = table_rows(data / "desktop_activity.db", "desktop_activity_sessions")
+        file_rows = table_rows(data / "file_changes.db", "file_change_events")
+
+        print(
+            f"\nidle agent: `host-agent run`, desktop monitor (Xvfb {desktop.display}, openbox, "
+            f"1 xterm) + watcher over {tree_dirs} directories, syncing to a local PostgreSQL\n"
+        )
+        print(f"idle window:           {wall:8.1f} s")
+        print(f"CPU used:              {cpu_used:8.2f} s   = {share:.2f}% of one core"
+              f"  (target < 1%)")  # fmt: skip
+        print(f"RSS at end:            {memory['VmRSS']:8.1f} MB")
+        print(f"peak RSS (VmHWM):      {memory['VmHWM']:8.1f} MB   (target < 80 MB)")
+        print(f"rows recorded:         {sessions} desktop session(s), {file_rows} file event(s)")
+        if sessions == 0:
+            print("the desktop monitor recorded nothing: it was not running", file=sys.stderr)
+            return 1
+        return 0 if share < 1.0 and memory["VmHWM"] < 80 else 1
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            try:
+                agent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        notify.close()
+        desktop.close()
+        try:
+            pg.stop()
+        except Exception as exc:  # still clean up the directory
+            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=50_000, help="files per phase")
@@ -221,6 +378,11 @@ def main() -> int:
     parser.add_argument(
         "--patience", type=float, default=120.0, help="seconds to wait for a phase's rows"
     )
+    parser.add_argument("--part", choices=["files", "idle", "all"], default="all")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--tree-dirs", type=int, default=2000, help="directories under the idle agent's root"
+    )
     parser.add_argument("--worker", choices=[p for p, _ in PHASES], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +390,12 @@ def main() -> int:
         work(args.worker, args.root, args.files)
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    return asyncio.run(bench(args.files, args.dir, args.coalesce_ms, args.patience))
+    status = 0
+    if args.part in ("files", "all"):
+        status |= asyncio.run(bench(args.files, args.dir, args.coalesce_ms, args.patience))
+    if args.part in ("idle", "all"):
+        status |= bench_idle(args.idle_seconds, args.tree_dirs)
+    return status
 
 
 if __name__ == "__main__":
