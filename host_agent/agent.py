@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from host_agent import systemd
+from host_agent.aio import first_of
 from host_agent.config import AgentConfig
 from host_agent.lock import AgentLock
 from host_agent.observability import (
@@ -150,18 +151,7 @@ class Agent:
             except Exception as exc:  # advisory work: log and go on
                 log.warning("housekeeping.failed", error=str(exc))
             self._housekeep_now.clear()
-            waits = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._housekeep_now.wait()),
-            ]
-            try:
-                await asyncio.wait(
-                    waits, timeout=HOUSEKEEPING_SECONDS, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                for waiter in waits:
-                    waiter.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
+            await first_of(stop.wait(), self._housekeep_now.wait(), seconds=HOUSEKEEPING_SECONDS)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -178,15 +168,7 @@ class Agent:
             for event in pending.values():
                 await event.wait()
 
-        waits = [asyncio.ensure_future(all_ready()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(
-                waits, timeout=COLLECTOR_READY_SECONDS, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waits:
-                waiter.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_of(all_ready(), stop.wait(), seconds=COLLECTOR_READY_SECONDS)
         slow = [name for name, event in pending.items() if not event.is_set()]
         if slow and not stop.is_set():
             log.warning("agent.collectors_not_ready", collectors=slow)

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from host_agent.aio import first_of
 from host_agent.sync.engine import SyncEngine, SyncReport
 
 
@@ -157,20 +158,10 @@ class SyncLoop:
     async def _sleep(self, stop: asyncio.Event) -> None:
         deadline = self.next_attempt_at or time.time()
         healthy = self.consecutive_failures == 0
-        waits: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(stop.wait()),
-            asyncio.ensure_future(self._trigger.wait()),
-        ]
+        waits = [stop.wait(), self._trigger.wait()]
         if healthy:
-            waits.append(asyncio.ensure_future(self._wake.wait()))
-        try:
-            await asyncio.wait(
-                waits, timeout=max(0.0, deadline - time.time()), return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waits:
-                waiter.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            waits.append(self._wake.wait())
+        await first_of(*waits, seconds=max(0.0, deadline - time.time()))
         if healthy and self._wake.is_set() and not (stop.is_set() or self._trigger.is_set()):
             # Coalesce a burst: give the writers wake_delay seconds before shipping.
             with contextlib.suppress(TimeoutError):
