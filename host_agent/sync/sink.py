@@ -17,7 +17,8 @@ and abandon the whole transaction: nothing half-written is ever committed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -94,7 +95,7 @@ class PostgresSink:
             raise SinkError("PostgresSink is closed")
         if self.is_open:
             return
-        try:
+        async with self._guard():
             self._conn = await asyncpg.connect(
                 self._url,
                 timeout=self._connect_timeout,
@@ -103,12 +104,18 @@ class PostgresSink:
             )
             if check:
                 await check_schema(self._conn)
-        except HostAgentError:
-            await self._drop()
-            raise
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, *, drop: bool = True) -> AsyncIterator[None]:
+        """Driver errors inside become `HostAgentError`s (whose text never holds the URL).
+        With `drop`, any failure, cancellation included, also drops the connection: after an
+        error mid-conversation it may be half-dead, and the next call reconnects."""
+        try:
+            yield
         except (Exception, asyncio.CancelledError) as exc:
-            await self._drop()
-            if isinstance(exc, asyncio.CancelledError):
+            if drop:
+                await self._drop()
+            if isinstance(exc, HostAgentError | asyncio.CancelledError):
                 raise
             raise translate(exc) from None
 
@@ -132,20 +139,12 @@ class PostgresSink:
         return self._conn
 
     async def init_schema(self) -> list[str]:
-        try:
+        async with self._guard(drop=False):
             return await apply_schema(self._connection())
-        except HostAgentError:
-            raise
-        except Exception as exc:
-            raise translate(exc) from None
 
     async def plan(self, table: str, local_columns: Sequence[str]) -> TablePlan:
-        try:
+        async with self._guard(drop=False):
             pg_columns = await table_columns(self._connection(), table)
-        except HostAgentError:
-            raise
-        except Exception as exc:
-            raise translate(exc) from None
         return build_plan(table, self.host, pg_columns, local_columns)
 
     async def write(self, plan: TablePlan, rows: Sequence[LocalRow]) -> WriteOutcome:
@@ -167,17 +166,8 @@ class PostgresSink:
         if not records:
             return outcome
         conn = self._connection()
-        try:
-            async with conn.transaction():
-                refused = await self._write_isolating(conn, plan, records)
-        except HostAgentError:
-            await self._drop()
-            raise
-        except (Exception, asyncio.CancelledError) as exc:
-            await self._drop()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise translate(exc) from None
+        async with self._guard(), conn.transaction():
+            refused = await self._write_isolating(conn, plan, records)
         sid, ver = plan.source_id_index, plan.version_index
         outcome.rejected.extend(Rejection(r[sid], r[ver], reason) for r, reason in refused)
         outcome.written = len(records) - len(refused)
@@ -263,7 +253,7 @@ class PostgresSink:
             )
             for run in runs
         ]
-        try:
+        async with self._guard():
             await self._connection().executemany(
                 """
                 INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,
@@ -277,10 +267,3 @@ class PostgresSink:
                 args,
                 timeout=self._command_timeout,
             )
-        except HostAgentError:
-            raise
-        except (Exception, asyncio.CancelledError) as exc:
-            await self._drop()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise translate(exc) from None
