@@ -51,8 +51,9 @@ COLLECTOR_READY_SECONDS = 30.0
 class Agent:
     """One running agent. `run(stop)` returns when `stop` is set and everything is closed."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, lock: AgentLock | None = None) -> None:
         self.config = config
+        self._held_lock = lock  # already acquired by the caller, who releases it
         self.sync_loop: SyncLoop | None = None
         self.collectors: list[Any] = []
         self.metrics = AgentMetrics()
@@ -177,9 +178,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         sync_settings = self.config.data_sync
         async with contextlib.AsyncExitStack() as stack:
-            lock = AgentLock(table_path(self.config, t) for t in TABLES)
-            lock.acquire()
-            stack.callback(lock.release)
+            if self._held_lock is None:
+                lock = data_lock(self.config)
+                lock.acquire()
+                stack.callback(lock.release)
             stack.callback(lambda: state_path(self.config).unlink(missing_ok=True))
             sources = await stack.enter_async_context(open_sources(self.config))
             tasks: list[Callable[[], Any]] = [functools.partial(self._housekeeping, stop)]
@@ -242,11 +244,17 @@ class Agent:
         log.info("agent.stopped")
 
 
-async def run_agent(config: AgentConfig) -> None:
-    """Run until SIGTERM or SIGINT. SIGUSR1 triggers a sync now."""
+def data_lock(config: AgentConfig) -> AgentLock:
+    """The lock that makes this the only agent on these local files (not yet acquired)."""
+    return AgentLock(table_path(config, t) for t in TABLES)
+
+
+async def run_agent(config: AgentConfig, lock: AgentLock | None = None) -> None:
+    """Run until SIGTERM or SIGINT. SIGUSR1 triggers a sync now. `lock`: the data lock,
+    when the caller already holds it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    agent = Agent(config)
+    agent = Agent(config, lock)
 
     def request_stop(name: str) -> None:
         log.info("agent.stopping", signal=name)

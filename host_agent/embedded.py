@@ -2,7 +2,11 @@
 
 Used by `host-agent run --local-postgres DIR` (and so by `scripts/run.sh`) when no
 `database.postgres_url` is configured: the cluster is created under DIR on first use, started,
-given the schema, and stopped again when the agent exits.
+given the schema, and stopped again when the agent exits, unless it was already running when
+the agent started (someone else's cluster: left as found).
+
+The agent's data lock is taken before the cluster is touched, so a second `run` on the same
+data exits naming the running agent without disturbing its PostgreSQL.
 """
 
 from __future__ import annotations
@@ -27,15 +31,22 @@ class EmbeddedPostgresFailed(HostAgentError):
     pass
 
 
-def _start(directory: Path) -> str:
+def _start(directory: Path) -> tuple[str, bool]:
+    """The database URL, and whether this call started the server."""
     pg = LocalPostgres(directory)
     pg.ensure_initialized()
     register_secret(pg.password)
+    started = not pg.is_running()
     pg.start()
-    exists = pg.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'").strip()
-    if not exists:
-        pg.create_database(DATABASE)
-    return pg.url(DATABASE)
+    try:
+        exists = pg.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'").strip()
+        if not exists:
+            pg.create_database(DATABASE)
+    except BaseException:
+        if started:
+            pg.stop()
+        raise
+    return pg.url(DATABASE), started
 
 
 def _stop(directory: Path) -> None:
@@ -48,20 +59,30 @@ def with_url(config: AgentConfig, url: str) -> AgentConfig:
 
 
 async def run_with_local_postgres(config: AgentConfig, directory: str | Path) -> None:
-    from host_agent.agent import run_agent
+    from host_agent.agent import data_lock, run_agent
 
     path = Path(directory)
+    lock = data_lock(config)
+    lock.acquire()  # AgentAlreadyRunning (exit 6) before anything else is touched
     try:
-        url = await asyncio.to_thread(_start, path)
-    except LocalPostgresError as exc:
-        raise EmbeddedPostgresFailed(
-            f"cannot start the local PostgreSQL in {path}: {exc}"
-        ) from None
-    try:
-        log.info("embedded_postgres.started", directory=str(path), url=redact_url(url))
-        config = with_url(config, url)
-        await init_db(config)
-        await run_agent(config)
+        try:
+            url, started = await asyncio.to_thread(_start, path)
+        except LocalPostgresError as exc:
+            raise EmbeddedPostgresFailed(
+                f"cannot start the local PostgreSQL in {path}: {exc}"
+            ) from None
+        try:
+            log.info(
+                "embedded_postgres.started" if started else "embedded_postgres.already_running",
+                directory=str(path),
+                url=redact_url(url),
+            )
+            config = with_url(config, url)
+            await init_db(config)
+            await run_agent(config, lock)
+        finally:
+            if started:
+                await asyncio.to_thread(_stop, path)
+                log.info("embedded_postgres.stopped", directory=str(path))
     finally:
-        await asyncio.to_thread(_stop, path)
-        log.info("embedded_postgres.stopped", directory=str(path))
+        lock.release()

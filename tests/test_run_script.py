@@ -61,6 +61,17 @@ def test_run_sh_starts_an_embedded_postgres_and_ships_collected_rows(
         )
     try:
         assert notify.recv(64) == b"READY=1", (tmp_path / "run.out").read_text()
+
+        # A second run.sh on the same data exits naming the first, and leaves its
+        # PostgreSQL alone: the first agent still ships what it collects.
+        second = subprocess.run(
+            [*run, "--local-postgres", str(embedded_dir)],
+            env=agent_env(), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert second.returncode == 6, second.stderr
+        assert f"pid {proc.pid}" in second.stderr
+        assert LocalPostgres(embedded_dir).is_running()
+
         (watched / "hello.txt").write_text("hi")
         url = LocalPostgres(embedded_dir).url("host_agent")
         wait_until(
