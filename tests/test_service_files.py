@@ -21,3 +21,5 @@ def test_systemd_unit_matches_the_agents_behaviour() -> None:
     assert "-USR1" in service["ExecReload"]
     assert int(service["TimeoutStopSec"]) >= 30
     assert unit["Install"]["WantedBy"] == "default.target"
+    # The working directory must exist before ExecStart: it is the one systemd creates.
+    assert service["WorkingDirectory"] == f"%S/{service['StateDirectory']}"
