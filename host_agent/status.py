@@ -91,10 +91,18 @@ def collect_status(config: AgentConfig) -> dict[str, Any]:
     now = time.time()
     tables: dict[str, Any] = {}
     for table in TABLES:
-        conn = connect(table_path(config, table))
+        path = table_path(config, table)
+        if not path.exists():  # never create it here: a wrong path would look like "all synced"
+            tables[table.name] = {"local_file": str(path.absolute()), "missing": True}
+            continue
+        conn = connect(path)
         try:
             migrate(conn, table)
-            tables[table.name] = _table_status(conn, table, now)
+            tables[table.name] = {
+                "local_file": str(path.absolute()),
+                "missing": False,
+                **_table_status(conn, table, now),
+            }
         finally:
             conn.close()
     url = config.postgres_url
@@ -119,9 +127,12 @@ def render_status(status: dict[str, Any]) -> str:
     for name, collector in agent.get("collectors", {}).items():
         lines.append(f"  {name}: {collector['state']}, {collector['errors']} error(s)")
     for name, t in status["tables"].items():
-        backoff = t["backoff"]
         lines.append("")
         lines.append(f"{name}")
+        if t["missing"]:
+            lines.append(f"  no local file at {t['local_file']} (wrong path or working directory?)")
+            continue
+        backoff = t["backoff"]
         age = t["oldest_unsynced_age_seconds"]
         lines.append(
             f"  unsynced rows:     {t['unsynced']}"

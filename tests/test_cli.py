@@ -115,3 +115,18 @@ def test_run_without_any_postgres_url_names_the_key(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "database.postgres_url" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_reports_missing_local_files_instead_of_creating_them(tmp_path: Path) -> None:
+    url = "postgresql://nobody:pw@127.0.0.1:1/none"  # status never connects
+    result = run_cli(tmp_path, url, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    tables = json.loads(result.stdout)["tables"]
+    assert tables["file_change_events"] == {
+        "local_file": str(tmp_path / "file_changes.db"),
+        "missing": True,
+    }
+    assert not (tmp_path / "file_changes.db").exists()
+    assert not (tmp_path / "desktop_activity.db").exists()
+    text = run_cli(tmp_path, url, "status")
+    assert f"no local file at {tmp_path / 'file_changes.db'}" in text.stdout
