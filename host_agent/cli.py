@@ -26,7 +26,7 @@ import structlog
 from host_agent import __version__, commands
 from host_agent.config import AgentConfig, load_config
 from host_agent.errors import ConfigError, HostAgentError
-from host_agent.logging import configure_logging, redact, register_secret
+from host_agent.logging import configure_logging, redact, register_url
 from host_agent.status import collect_status, render_status
 from host_agent.sync.engine import SyncReport
 
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or "info", args.log_format or "console")
     try:
         config = load_config(args.config)
-        register_secret(config.postgres_url)
+        register_url(config.postgres_url)
         configure_logging(
             args.log_level or config.logging.level, args.log_format or config.logging.format
         )

@@ -214,13 +214,6 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
-def url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
 def _expand(value: Any, key: str, env: Mapping[str, str]) -> Any:
     if isinstance(value, str):
 

@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 
@@ -28,13 +28,26 @@ def register_secret(secret: str | None) -> None:
         _secrets.add(unquote(secret))
 
 
+def register_url(url: str | None) -> None:
+    """Remember the password inside a database URL, so it is redacted wherever it shows up,
+    in a URL (even one whose password holds an unescaped `@`) or on its own."""
+    if not url:
+        return
+    try:
+        password = urlsplit(url).password  # as written in the URL, maybe %-escaped
+    except ValueError:
+        return
+    if password:
+        register_secret(password)
+        register_secret(unquote(password))  # and so its fully escaped form too
+
+
 def redact(text: str) -> str:
     """`text` with every registered secret and URL password replaced by `***`."""
-    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
     for secret in sorted(_secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")
-    return text
+    return _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
 
 
 def _redact_value(value: Any) -> Any:

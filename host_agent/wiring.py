@@ -8,7 +8,7 @@ from pathlib import Path
 
 from host_agent.config import AgentConfig
 from host_agent.errors import ConfigError
-from host_agent.logging import register_secret
+from host_agent.logging import register_url
 from host_agent.store.schema import FILE_CHANGES, TABLES, LocalTable
 from host_agent.sync.sink import PostgresSink
 from host_agent.sync.source import LocalSource
@@ -32,7 +32,7 @@ def require_url(config: AgentConfig) -> str:
             "not set (set it in the config or HOST_AGENT_DATABASE_POSTGRES_URL; "
             "scripts/run.sh starts a local PostgreSQL when it is unset)",
         )
-    register_secret(url)
+    register_url(url)
     return url
 
 
