@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def holder_pid(path: Path) -> int | None:
         os.close(fd)
 
 
+# `holder_pid` (status, trigger-sync) holds a shared lock for a moment to ask whether anyone
+# holds the file; an agent starting in that moment must not take it for a running agent.
+PROBE_GRACE_SECONDS = 0.5
+
+
+def _flock_exclusive(fd: int) -> bool:
+    """Take the exclusive lock; False when another process keeps it past the grace period."""
+    deadline = time.monotonic() + PROBE_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
 class AgentLock:
     """Held for the agent's lifetime. `acquire` raises AgentAlreadyRunning naming the pid."""
 
@@ -49,9 +68,7 @@ class AgentLock:
             for path in self.paths:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not _flock_exclusive(fd):
                     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
                     os.close(fd)
                     raise AgentAlreadyRunning(
