@@ -140,3 +140,33 @@ def test_writer_after_close_raises(tmp_path: Path) -> None:
         assert "closed" in str(exc)
     else:
         raise AssertionError("insert after close must fail")
+
+
+def test_sync_reads_seek_through_the_synced_at_index_even_after_analyze(tmp_path: Path) -> None:
+    """Keyset pagination only helps if the read seeks to the first unsynced row. With a long
+    synced history and fresh statistics, SQLite would otherwise walk the table by id."""
+    from host_agent.sync.source import read_batch_sql
+
+    for table in (FILE_CHANGES, DESKTOP_ACTIVITY):
+        path = tmp_path / f"{table.name}.db"
+        if table is FILE_CHANGES:
+            insert_file_events(path, [file_event(i) for i in range(4000)])
+        conn = connect(path)
+        try:
+            migrate(conn, table)
+            if table is DESKTOP_ACTIVITY:
+                conn.executemany(
+                    "INSERT INTO desktop_activity_sessions (start_time, start_time_iso, "
+                    "application_name, created_at) VALUES (?, 'x', 'app', ?)",
+                    [(i, i) for i in range(4000)],
+                )
+            conn.execute(f"UPDATE {table.name} SET synced_at = 1 WHERE id <= 3000")
+            conn.commit()
+            conn.execute("ANALYZE")
+            sql = read_batch_sql(table, ["created_at"])
+            plan = " ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", (0, 10)))
+            assert f"USING INDEX {table.synced_index} (synced_at=? AND rowid>?)" in plan, plan
+            rows = conn.execute(sql, (0, 10)).fetchall()
+            assert [r[0] for r in rows] == list(range(3001, 3011))
+        finally:
+            conn.close()

@@ -45,6 +45,7 @@ class LocalTable:
     name: str
     config_key: str  # the `database.*` key holding the SQLite file path
     time_column: str  # the column that says when the recorded thing happened
+    synced_index: str  # the index on synced_at that sync reads through
     migrations: tuple[Migration, ...]
 
 
@@ -117,6 +118,7 @@ DESKTOP_ACTIVITY = LocalTable(
     name="desktop_activity_sessions",
     config_key="desktop_activity_db",
     time_column="start_time",
+    synced_index="idx_desktop_synced_at",
     migrations=(
         Migration(
             "0001_create_desktop_activity_sessions",
@@ -157,6 +159,7 @@ FILE_CHANGES = LocalTable(
     name="file_change_events",
     config_key="file_events_db",
     time_column="event_time",
+    synced_index="idx_file_synced_at",
     migrations=(
         Migration(
             "0001_create_file_change_events",

@@ -64,6 +64,22 @@ def prepare_file(path: Path, table: LocalTable) -> None:
         conn.close()
 
 
+def read_batch_sql(table: LocalTable, local_columns: Sequence[str]) -> str:
+    """The keyset read: (id, row_version, *local_columns) of unsynced rows after an id.
+
+    `INDEXED BY` pins the plan to the synced_at index (entries `(NULL, id)` for unsynced rows,
+    so `id > ?` is a range seek). Without it, statistics from an ANALYZE can make SQLite walk
+    the table in id order instead, through every synced row before the first unsynced one: a
+    cost that grows with the history, which keyset pagination exists to avoid.
+    """
+    select = ", ".join(("t.id", "t.row_version", *(f"t.{c}" for c in local_columns)))
+    return (
+        f"SELECT {select} FROM {table.name} t INDEXED BY {table.synced_index} "
+        f"WHERE t.synced_at IS NULL AND t.id > ? AND {NOT_QUARANTINED} "
+        "ORDER BY t.id LIMIT ?"
+    )
+
+
 class LocalSource:
     """Async access to one local table for the sync engine. Lifecycle: open -> use -> close."""
 
@@ -120,12 +136,7 @@ class LocalSource:
         db = self._conn()
         counter = await db.execute_fetchall("SELECT value FROM sync_counter WHERE id = 1")
         snapshot = int(next(iter(counter))[0])
-        select = ", ".join(("t.id", "t.row_version", *(f"t.{c}" for c in local_columns)))
-        sql = (
-            f"SELECT {select} FROM {self.table.name} t "
-            f"WHERE t.synced_at IS NULL AND t.id > ? AND {NOT_QUARANTINED} "
-            "ORDER BY t.id LIMIT ?"
-        )
+        sql = read_batch_sql(self.table, local_columns)
         undecodable: list[Rejection] = []
         try:
             rows = cast(list[LocalRow], list(await db.execute_fetchall(sql, (after_id, limit))))
