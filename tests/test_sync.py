@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import sqlite3
 import threading
@@ -25,6 +26,7 @@ from host_agent.commands import sync_once
 from host_agent.config import AgentConfig
 from host_agent.status import collect_status
 from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
+from host_agent.sync.loop import BackoffPolicy
 
 MakeConfig = Callable[..., AgentConfig]
 
@@ -319,3 +321,17 @@ async def test_unreachable_server_runs_are_kept_and_logged_later_with_original_t
     assert logs[0]["started"] == pytest.approx(failed_at, abs=1e-3)
     assert "unreachable" in logs[0]["error_message"] or "unavailable" in logs[0]["error_message"]
     assert collect_status(config)["tables"]["file_change_events"]["pending_sync_logs"] == 0
+
+
+def test_backoff_grows_exponentially_to_its_cap_with_full_jitter() -> None:
+    policy = BackoffPolicy(base=30, cap=900)
+    assert [policy.ceiling(n) for n in range(0, 8)] == [0, 30, 60, 120, 240, 480, 900, 900]
+    assert policy.ceiling(10_000) == 900  # no overflow after a very long outage
+    rng = random.Random(1234)
+    for failures in (1, 3, 6):
+        delays = [policy.delay(failures, rng) for _ in range(2000)]
+        ceiling = policy.ceiling(failures)
+        assert all(0 <= d <= ceiling for d in delays)
+        # Full jitter: spread over the whole range, not bunched at the ceiling.
+        assert min(delays) < 0.05 * ceiling and max(delays) > 0.95 * ceiling
+        assert 0.4 * ceiling < sum(delays) / len(delays) < 0.6 * ceiling

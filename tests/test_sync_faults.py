@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -270,6 +271,14 @@ async def test_daemon_keeps_collecting_while_the_server_is_down_and_catches_up(
         assert files["pending_sync_logs"] >= 2  # the failed runs, kept locally
         assert files["backoff"]["next_attempt_at"] is not None
         assert sync_loop.consecutive_failures >= 2
+        # Exponential, capped: 0.2 s doubling per failure up to the 1 s cap; each wait is
+        # drawn from [0, that ceiling] (full jitter), so it never exceeds it.
+        failures = files["backoff"]["consecutive_failures"]
+        assert files["backoff"]["backoff_seconds"] == min(1.0, 0.2 * 2 ** (failures - 1))
+        last_attempt = datetime.fromisoformat(files["last_attempt_at"]).timestamp()
+        next_attempt = datetime.fromisoformat(files["backoff"]["next_attempt_at"]).timestamp()
+        # (last_attempt_at is when the run began; it spent a moment on its quick retries)
+        assert 0 <= next_attempt - last_attempt <= files["backoff"]["backoff_seconds"] + 5
 
         await asyncio.to_thread(private_pg.start)
         await async_wait_until(
@@ -287,6 +296,9 @@ async def test_daemon_keeps_collecting_while_the_server_is_down_and_catches_up(
         )
         assert files["unsynced"] == 0
         assert files["backoff"]["consecutive_failures"] == 0
+        # Back on the normal schedule: the next run is an interval (3600 s) away.
+        assert sync_loop.next_attempt_at is not None
+        assert 3500 < sync_loop.next_attempt_at - time.time() <= 3600
 
         logs = await pg_fetch(
             url,
