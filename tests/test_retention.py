@@ -92,3 +92,43 @@ def test_size_cap_frees_shipped_rows_first_then_drops_oldest_unsynced(tmp_path: 
         assert used_bytes(conn) < 400_000 + 64 * 1024
     finally:
         conn.close()
+
+
+def test_the_running_agent_prunes_old_shipped_rows_and_never_unsynced_ones(
+    tmp_path: Path,
+) -> None:
+    """The agent's own housekeeping (sync off, so nothing it does marks rows meanwhile)."""
+    from support.agent_process import AgentProcess, agent_env, wait_until, write_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "file_changes.db"
+    now = int(time.time())
+    old, recent = now - 10 * 86400, now - 86400
+    writer = RowWriter(db, FILE_CHANGES)
+    try:
+        old_synced = writer.insert_many([file_event(i, now=old) for i in range(5)])
+        old_unsynced = writer.insert_many([file_event(i, now=old) for i in range(5, 8)])
+        recent_synced = writer.insert_many([file_event(i, now=recent) for i in range(8, 10)])
+    finally:
+        writer.close()
+    conn = sqlite3.connect(db)
+    shipped = old_synced + recent_synced
+    conn.execute(
+        f"UPDATE file_change_events SET synced_at = ? WHERE id IN ({','.join('?' * len(shipped))})",
+        (now, *shipped),
+    )
+    conn.commit()
+    conn.close()
+
+    config = write_config(tmp_path / "config.yaml", url=None, data_dir=data)
+    env = agent_env(data_sync_enabled=False, database_retention_days=7)
+    with AgentProcess(config, "run", env=env, workdir=tmp_path) as agent:
+
+        def remaining() -> list[int] | None:
+            ids = [r[0] for r in local_query(db, "SELECT id FROM file_change_events ORDER BY id")]
+            return ids if not set(old_synced) & set(ids) else None
+
+        ids = wait_until(remaining, 30, "the old shipped rows to be pruned")
+        assert ids == sorted(old_unsynced + recent_synced), agent.output()
+        assert "retention.pruned" in agent.stdout + agent.stderr
