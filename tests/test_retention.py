@@ -6,6 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from structlog.testing import capture_logs
 from support.data import file_event, local_query
 
 from host_agent.store import FILE_CHANGES, RowWriter, connect
@@ -60,12 +61,16 @@ def test_size_cap_stop_collecting_drops_new_rows_loudly_and_keeps_unsynced(tmp_p
     writer = RowWriter(path, FILE_CHANGES, limit=limit, on_drop=lambda n, _r: drops.append(n))
     try:
         stored = 0
-        for batch in range(40):
-            stored += len(fill(writer, 10, batch * 10))
+        with capture_logs() as logs:
+            for batch in range(40):
+                stored += len(fill(writer, 10, batch * 10))
     finally:
         writer.close()
     assert 0 < stored < 400
     assert sum(drops) == writer.dropped_rows == 400 - stored
+    lines = [e for e in logs if e["event"] == "store.row_dropped"]
+    assert len(lines) == 400 - stored  # one loud line per row
+    assert all(e["log_level"] == "error" and e["event_time"] for e in lines)
     rows = local_query(path, "SELECT count(*), min(id) FROM file_change_events")
     assert rows == [(stored, 1)]  # the oldest unsynced rows are all kept
 
@@ -80,11 +85,17 @@ def test_size_cap_frees_shipped_rows_first_then_drops_oldest_unsynced(tmp_path: 
         conn.execute("UPDATE file_change_events SET synced_at = 1 WHERE id <= ?", (first[49],))
         conn.commit()
         conn.close()
-        for batch in range(1, 40):
-            assert len(fill(writer, 10, 1000 + batch * 10)) == 10  # new rows always stored
+        with capture_logs() as logs:
+            for batch in range(1, 40):
+                assert len(fill(writer, 10, 1000 + batch * 10)) == 10  # new rows always stored
     finally:
         writer.close()
     remaining = [r[0] for r in local_query(path, "SELECT id FROM file_change_events ORDER BY id")]
+    logged = {e["id"] for e in logs if e["event"] == "store.row_dropped"}
+    assert len(logged) == writer.dropped_rows  # each dropped row named in its own line
+    assert not logged & set(remaining)
+    assert logged == set(range(first[50], remaining[-1] + 1)) - set(remaining)
+    assert max(logged) < min(remaining)  # the oldest unsynced rows went first
     assert not set(first[:50]) & set(remaining), "shipped rows go first"
     assert writer.dropped_rows > 0 and remaining[-1] == first[-1] + 390
     conn = connect(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 from host_agent.store.schema import LocalTable
 
@@ -43,15 +44,15 @@ class SizeLimit:
 
 def make_room(
     conn: sqlite3.Connection, table: LocalTable, limit: SizeLimit, incoming: int
-) -> tuple[int, int]:
+) -> tuple[int, list[tuple[int, Any]]]:
     """Bring the file under `limit` before `incoming` rows are written.
 
     Shipped rows go first, oldest first. If that is not enough, `drop_oldest_unsynced`
-    deletes that many of the oldest unsynced rows. Returns (rows the caller may insert, unsynced
-    rows deleted): with `stop_collecting` and a full file the caller may insert none.
-    Must run inside the caller's write transaction."""
+    deletes that many of the oldest unsynced rows. Returns (rows the caller may insert, the
+    unsynced rows deleted as (id, time column value)): with `stop_collecting` and a full file
+    the caller may insert none. Must run inside the caller's write transaction."""
     if used_bytes(conn) < limit.max_bytes:
-        return incoming, 0
+        return incoming, []
     while used_bytes(conn) >= limit.max_bytes:
         cur = conn.execute(
             f"DELETE FROM {table.name} WHERE id IN (SELECT id FROM {table.name} "
@@ -61,12 +62,12 @@ def make_room(
         if cur.rowcount == 0:
             break
     if used_bytes(conn) < limit.max_bytes:
-        return incoming, 0
+        return incoming, []
     if limit.policy != "drop_oldest_unsynced":
-        return 0, 0
-    cur = conn.execute(
+        return 0, []
+    evicted = conn.execute(
         f"DELETE FROM {table.name} WHERE id IN (SELECT id FROM {table.name} "
-        "WHERE synced_at IS NULL ORDER BY id LIMIT ?)",
+        f"WHERE synced_at IS NULL ORDER BY id LIMIT ?) RETURNING id, {table.time_column}",
         (incoming,),
-    )
-    return incoming, cur.rowcount
+    ).fetchall()
+    return incoming, sorted((int(r[0]), r[1]) for r in evicted)

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -68,17 +69,21 @@ class RowWriter:
     def _insert_many(self, rows: Sequence[Row]) -> list[int]:
         conn = self._connection()
         ids: list[int] = []
-        dropped: list[tuple[int, str]] = []
+        # (local id or None, the row's time column value, why), one per dropped row
+        dropped: list[tuple[int | None, Any, str]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             if self._limit is not None:
                 allowed, evicted = make_room(conn, self.table, self._limit, len(rows))
-                if evicted:
-                    dropped.append((evicted, "oldest unsynced rows deleted: local database full"))
+                dropped += [
+                    (i, t, "oldest unsynced row deleted: local database full") for i, t in evicted
+                ]
                 if allowed < len(rows):
-                    dropped.append(
-                        (len(rows) - allowed, "new rows not stored: local database full")
-                    )
+                    time_column = self.table.time_column
+                    dropped += [
+                        (None, row.get(time_column), "new row not stored: local database full")
+                        for row in rows[allowed:]
+                    ]
                     rows = rows[:allowed]
             for row in rows:
                 columns = ", ".join(row)
@@ -93,8 +98,8 @@ class RowWriter:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        for count, reason in dropped:
-            self._dropped(count, reason)
+        if dropped:
+            self._dropped(dropped)
         if ids:
             self._committed(len(ids))
         return ids
@@ -129,18 +134,26 @@ class RowWriter:
         if self._on_commit is not None:
             self._on_commit(inserted)
 
-    def _dropped(self, count: int, reason: str) -> None:
-        self.dropped_rows += count
-        log.error(
-            "store.rows_dropped",
-            table=self.table.name,
-            rows=count,
-            reason=reason,
-            limit_mb=round(self._limit.max_bytes / 2**20, 1) if self._limit else None,
-            policy=self._limit.policy if self._limit else None,
-        )
+    def _dropped(self, dropped: Sequence[tuple[int | None, Any, str]]) -> None:
+        """One loud line per dropped row (what was lost, and when it happened), then count."""
+        self.dropped_rows += len(dropped)
+        limit_mb = round(self._limit.max_bytes / 2**20, 1) if self._limit else None
+        policy = self._limit.policy if self._limit else None
+        by_reason: dict[str, int] = {}
+        for row_id, when, reason in dropped:
+            log.error(
+                "store.row_dropped",
+                table=self.table.name,
+                id=row_id,
+                **{self.table.time_column: when},
+                reason=reason,
+                limit_mb=limit_mb,
+                policy=policy,
+            )
+            by_reason[reason] = by_reason.get(reason, 0) + 1
         if self._on_drop is not None:
-            self._on_drop(count, reason)
+            for reason, count in by_reason.items():
+                self._on_drop(count, reason)
 
     def close(self) -> None:
         with self._lock:
