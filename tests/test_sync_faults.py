@@ -333,6 +333,57 @@ async def test_daemon_keeps_collecting_while_the_server_is_down_and_catches_up(
         writer_thread.shutdown(wait=True)
 
 
+async def test_a_burst_of_writes_is_shipped_in_one_woken_run(
+    schema_url: str, make_config: MakeConfig
+) -> None:
+    """Fast wake-up: rows written within wake_delay_seconds of each other become one run,
+    long before the (hour-long) interval."""
+    config = make_config(
+        schema_url, data_sync={"interval_seconds": 3600, "wake_delay_seconds": 1.5}
+    )
+    loop = asyncio.get_running_loop()
+    agent = Agent(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    writer_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    writer: RowWriter | None = None
+    try:
+        await asyncio.wait_for(agent.started.wait(), 10)
+        sync_loop = agent.sync_loop
+        assert sync_loop is not None
+        await async_wait_until(lambda: _true(sync_loop.runs >= 1), 10, "the start-up run")
+        runs_before = sync_loop.runs
+        writer = RowWriter(
+            config.database.file_events_db,
+            FILE_CHANGES,
+            on_commit=lambda *_: loop.call_soon_threadsafe(sync_loop.wake),
+        )
+        began = time.monotonic()
+        for burst in range(10):  # ten commits, each waking the loop
+            rows = [file_event(burst * 5 + i) for i in range(5)]
+            await loop.run_in_executor(writer_thread, writer.insert_many, rows)
+        assert time.monotonic() - began < 1.0, "the burst must fit in the wake delay"
+
+        async def remote_count() -> int:
+            rows = await pg_fetch(schema_url, "SELECT count(*) FROM file_change_events")
+            return int(rows[0][0])
+
+        await async_wait_until(
+            lambda: _equals(remote_count, 50), 20, "the burst in PostgreSQL", interval=0.1
+        )
+        assert sync_loop.runs - runs_before == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        if writer is not None:
+            writer.close()
+        writer_thread.shutdown()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def _equals(get: Callable[[], Awaitable[int]], expected: int) -> bool:
     try:
         return await get() == expected
