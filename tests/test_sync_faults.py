@@ -371,6 +371,10 @@ async def test_a_burst_of_writes_is_shipped_in_one_woken_run(
         await async_wait_until(
             lambda: _equals(remote_count, 50), 20, "the burst in PostgreSQL", interval=0.1
         )
+        # The run that shipped them has committed; let it finish its bookkeeping.
+        await async_wait_until(
+            lambda: _true(sync_loop.runs > runs_before), 20, "the woken run to end"
+        )
         assert sync_loop.runs - runs_before == 1
     finally:
         stop.set()
