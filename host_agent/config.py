@@ -122,11 +122,14 @@ DEFAULT_IGNORE = [
     "__pycache__",
     ".venv",
     "*.swp",
+    "*.swo",
     "*.swx",
     "*~",
     ".#*",
     "#*#",
     "*.tmp",
+    "*___jb_tmp___",
+    "*___jb_old___",
 ]
 
 

@@ -48,7 +48,11 @@ Coalescing (`coalesce_ms`, counted from the first event on a path; one row per w
     `modified` of the original (a `created` if there was none): this applies when the source is
     an ignored name (`foo.tmp`, `.foo.swp`, `foo~`) and when the source itself appeared within
     the window (`foo.XXXXXX`), so the temporary name never shows up. vim's "rename the original
-    to foo~, write a new foo" is deleted + created, hence one `modified`.
+    to foo~, write a new foo" is deleted + created, hence one `modified`; so is JetBrains' "safe
+    write" (write `foo___jb_tmp___`, rename `foo` to `foo___jb_old___`, rename the temporary
+    file onto `foo`, delete `foo___jb_old___`), both of whose names are ignored by default. The
+    two renames are back to back, so any coalescing window joins them; with `coalesce_ms: 0`
+    they can stay two rows.
 
 No silent loss
     When the kernel queue overflows (IN_Q_OVERFLOW, which watchdog reports through
@@ -58,10 +62,16 @@ No silent loss
     created / modified / deleted (a move during the outage shows as deleted + created). All
     roots share one inotify instance, so an overflow concerns them all. When the inotify watch
     limit is reached, one warning names `fs.inotify.max_user_watches` and the command to raise
-    it; directories that could not be watched are still scanned, and retried on the next
-    rescan. The initial scan is the baseline: files present at start are not recorded.
+    it; directories that could not be watched are still scanned (their content is the
+    baseline), but changes in them are not seen as they happen. Every `retry_seconds` (default
+    `WATCH_RETRY_SECONDS`) the collector asks again for their watches, so raising the sysctl (or
+    watches freed elsewhere) takes effect without a restart; each directory that gets its watch
+    is rescanned, recording what changed while it was unwatched. While the limit still refuses,
+    a round costs one refused call. Once every directory is watched an info message says so, and
+    the next time the limit is reached warns again. The initial scan is the baseline: files
+    present at start are not recorded.
 
-Missing roots are logged and checked again every `ROOT_RETRY_SECONDS`; a root that disappears
+Missing roots are logged and checked again every `retry_seconds`; a root that disappears
 while watched is handled the same way.
 """
 
@@ -106,7 +116,8 @@ MODIFIED = "modified"
 DELETED = "deleted"
 MOVED = "moved"
 
-ROOT_RETRY_SECONDS = 30.0
+# How often missing roots, and directories the watch limit refused, are tried again.
+WATCH_RETRY_SECONDS = 30.0
 FENCE_SECONDS = 2.0
 # A rename's MOVED_FROM and MOVED_TO are queued back to back by the kernel, but may straddle two
 # reads; a MOVED_FROM still unpaired after this long left the watched tree.
@@ -253,8 +264,10 @@ class FileChangeCollector:
 
     `ready` is set once the initial watches are placed (or it is clear nothing will be watched).
     Plain counters for metrics: `events_recorded` (rows committed), `overflows` (rescans after
-    lost events), `errors`, `watches` (directories watched now), `watch_limit_hits` (watches
-    refused for the inotify limit) and `rows_dropped` (rows the store refused for good).
+    lost events), `errors`, `watches` (directories watched now), `unwatched` (directories the
+    watch limit refused, waiting for a retry), `watch_limit_hits` (watch requests refused for
+    the inotify limit, retries included) and `rows_dropped` (rows the store refused for good).
+    `retry_seconds` is how often missing roots and refused directories are tried again.
     """
 
     def __init__(
@@ -264,11 +277,13 @@ class FileChangeCollector:
         log: structlog.stdlib.BoundLogger | Any = None,
         *,
         clock: Callable[[], float] = time.time,
+        retry_seconds: float = WATCH_RETRY_SECONDS,
     ) -> None:
         self._config = config
         self._writer = writer
         self._log: Any = log if log is not None else structlog.get_logger(__name__)
         self._clock = clock
+        self._retry_seconds = retry_seconds
         self._window = config.coalesce_ms / 1000
         patterns = [fnmatch.translate(p) for p in config.ignore]
         self._ignore = re.compile("|".join(patterns)) if patterns else None
@@ -278,6 +293,7 @@ class FileChangeCollector:
         self.overflows = 0
         self.errors = 0
         self.watches = 0
+        self.unwatched = 0
         self.watch_limit_hits = 0
         self.rows_dropped = 0
 
@@ -291,12 +307,14 @@ class FileChangeCollector:
         self._roots: list[_Root] = []
         self._dirs: dict[bytes, _Dir] = {}
         self._wd_paths: dict[WatchDescriptor, bytes] = {}
+        # Directories (in `_dirs`) whose watch the inotify limit refused, to be asked again.
+        self._unwatched: set[bytes] = set()
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._moves_from: dict[int, _MoveFrom] = {}
         self._projects: dict[bytes, str] = {}
         self._rows: list[Row] = []
         self._limit_logged = False
-        self._next_root_check = 0.0
+        self._next_retry = 0.0
         self._iso_cache: tuple[int, str] = (-1, "")
         self._last_mono = 0.0  # reader timestamp of the newest event processed
         self._fence_wd: WatchDescriptor | None = None
@@ -373,13 +391,14 @@ class FileChangeCollector:
             if self._stopping.is_set():
                 return
             self._watch_root(root)
-        self._next_root_check = time.monotonic() + ROOT_RETRY_SECONDS
+        self._next_retry = time.monotonic() + self._retry_seconds
         self._update_watch_count()
         self._log.info(
             "fs.watching",
             roots=[r.text for r in self._roots if r.watched],
             directories=len(self._dirs),
             watches=self.watches,
+            unwatched=self.unwatched,
             watch_limit_hits=self.watch_limit_hits,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -409,7 +428,7 @@ class FileChangeCollector:
             self._log.warning(
                 "fs.root_missing",
                 root=root.text,
-                retry_seconds=ROOT_RETRY_SECONDS,
+                retry_seconds=self._retry_seconds,
                 detail="not an existing directory; skipped until it appears",
             )
             return
@@ -442,7 +461,7 @@ class FileChangeCollector:
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        due = self._next_root_check
+        due = self._next_retry
         if self._pending:
             due = min(due, next(iter(self._pending.values())).deadline)
         for move in self._moves_from.values():
@@ -461,11 +480,14 @@ class FileChangeCollector:
             for cookie in stale:
                 self._guard(self._unpaired_from, self._moves_from.pop(cookie))
         self._flush(watermark)
-        if now >= self._next_root_check:
-            self._next_root_check = now + ROOT_RETRY_SECONDS
-            for root in self._roots:
-                if not root.watched and not self._closing and self._fd is not None:
-                    self._guard(self._retry_root, root)
+        if now >= self._next_retry:
+            self._next_retry = now + self._retry_seconds
+            if not self._closing and self._fd is not None:
+                for root in self._roots:
+                    if not root.watched:
+                        self._guard(self._retry_root, root)
+                if self._unwatched:
+                    self._guard(self._retry_unwatched)
         self._update_watch_count()
         self._send()
 
@@ -712,7 +734,9 @@ class FileChangeCollector:
 
     def _root_lost(self, root: _Root, how: str) -> None:
         now, wall = time.monotonic(), self._clock()
-        self._log.warning("fs.root_lost", root=root.text, how=how, retry_seconds=ROOT_RETRY_SECONDS)
+        self._log.warning(
+            "fs.root_lost", root=root.text, how=how, retry_seconds=self._retry_seconds
+        )
         root.watched = False
         self._forget_tree(root.path, record=True, mono=now, wall=wall)
         self._retry_root(root)
@@ -768,25 +792,32 @@ class FileChangeCollector:
                 self._log.warning("fs.list_failed", path=_text(path)[0], error=str(exc))
         return entries
 
-    def _watch(self, path: bytes, directory: _Dir) -> None:
+    def _watch(self, path: bytes, directory: _Dir) -> bool:
+        """Place (or renew) the watch on `path`; True if it is watched now. A refusal for the
+        watch limit leaves `path` in `_unwatched`, to be asked again; other failures (gone,
+        permission) are not retried, since asking again would not help."""
         fd = self._fd
         if fd is None or self._closing:
-            return
+            return False
         mask = _ROOT_MASK if path == directory.root.path else _WATCH_MASK
         callback_id = CallbackId(next(self._ids))
         try:
             wd = fd.add_callback(path, mask, self._relay, callback_id)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
+                self._unwatched.add(path)
                 self._watch_limit_reached(path)
-            elif exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                return False
+            self._unwatched.discard(path)
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 self._log.warning("fs.watch_failed", path=_text(path)[0], error=str(exc))
-            return
+            return False
+        self._unwatched.discard(path)
         if wd < 0:
             # watchdog returns -1 instead of raising for EACCES; undo its bookkeeping.
             fd.remove_callbacks([(wd, callback_id)])
             self._log.warning("fs.watch_failed", path=_text(path)[0], error="permission denied")
-            return
+            return False
         # inotify returns the existing descriptor when this inode is already watched (a
         # rescan, a move missed in an overflow): keep one callback per watch so each event
         # arrives once.
@@ -804,6 +835,7 @@ class FileChangeCollector:
         directory.wd = wd
         directory.callback_id = callback_id
         self._wd_paths[wd] = path
+        return True
 
     def _unwatch(self, directory: _Dir) -> None:
         wd, callback_id = directory.wd, directory.callback_id
@@ -833,10 +865,13 @@ class FileChangeCollector:
             "fs.watch_limit_reached",
             detail=(
                 f"the inotify watch limit ({WATCH_LIMIT_SYSCTL}) is reached: some directories "
-                "are not watched and their changes are missed until the next rescan"
+                "are not watched, so changes in them are not seen as they happen; their "
+                f"watches are asked for again every {self._retry_seconds:g} s, and once a "
+                "directory is watched it is rescanned and what changed meanwhile is recorded"
             ),
             sysctl=WATCH_LIMIT_SYSCTL,
             limit=limit,
+            retry_seconds=self._retry_seconds,
             fix=(
                 f"sudo sysctl {WATCH_LIMIT_SYSCTL}={target} && echo "
                 f"'{WATCH_LIMIT_SYSCTL}={target}' | sudo tee /etc/sysctl.d/60-inotify.conf"
@@ -846,6 +881,45 @@ class FileChangeCollector:
 
     def _update_watch_count(self) -> None:
         self.watches = len(self._wd_paths)
+        self.unwatched = len(self._unwatched)
+
+    def _retry_unwatched(self) -> None:
+        """Ask again for the watches the limit refused: the user may have raised it, or
+        watches were freed. Any refused directory serves as a probe, so while the limit still
+        holds a round costs one refused call; once one is granted the rest follow, parents
+        before children (a parent's rescan takes its unwatched subdirectories along)."""
+        mono, wall = time.monotonic(), self._clock()
+        if not self._rewatch(next(iter(self._unwatched)), mono, wall):
+            return
+        for path in sorted(self._unwatched):
+            if path in self._unwatched and not self._rewatch(path, mono, wall):
+                return
+        if not self._unwatched:
+            self._log.info(
+                "fs.watch_limit_cleared",
+                detail="every directory is watched again",
+                watches=len(self._wd_paths),
+            )
+            self._limit_logged = False  # reaching the limit again deserves a new warning
+
+    def _rewatch(self, path: bytes, mono: float, wall: float) -> bool:
+        """Watch a directory the limit refused, then rescan it so changes made while it was
+        unwatched are recorded. False only if the limit refuses it again."""
+        directory = self._dirs.get(path)
+        if directory is None or directory.wd is not None:
+            self._unwatched.discard(path)  # forgotten or watched meanwhile
+            return True
+        if self._watch(path, directory):
+            self._rescan_tree(path, directory.root, mono, wall, rewatch=False)
+            return True
+        if path in self._unwatched:
+            return False
+        # Gone meanwhile. A subdirectory's deletion is recorded through its parent (an event,
+        # or the parent's own rescan); a root has no parent to report it.
+        root = directory.root
+        if path == root.path and root.watched and not os.path.isdir(path):
+            self._root_lost(root, "removed")
+        return True
 
     def _subtree(self, path: bytes) -> list[bytes]:
         """`path` and the known directories below it, found through the snapshot's entries so
@@ -866,6 +940,7 @@ class FileChangeCollector:
     def _forget_tree(self, path: bytes, *, record: bool, mono: float, wall: float) -> None:
         for directory_path in self._subtree(path):
             directory = self._dirs.pop(directory_path)
+            self._unwatched.discard(directory_path)
             self._unwatch(directory)
             if record:
                 for name, entry in directory.entries.items():
@@ -887,6 +962,9 @@ class FileChangeCollector:
             self._dirs[new] = directory
             if directory.wd is not None:
                 self._wd_paths[directory.wd] = new
+            if old in self._unwatched:
+                self._unwatched.discard(old)
+                self._unwatched.add(new)
         prefix = _prefix(source)
         if any(p == source or p.startswith(prefix) for p in self._pending):
 
@@ -918,16 +996,25 @@ class FileChangeCollector:
         mono, wall = time.monotonic(), self._clock()
         for root in self._roots:
             if root.watched:
-                self._rescan_root(root, mono, wall)
+                self._rescan_tree(root.path, root, mono, wall, rewatch=True)
 
-    def _rescan_root(self, root: _Root, mono: float, wall: float) -> None:
-        stack = [root.path]
+    def _rescan_tree(
+        self, top: bytes, root: _Root, mono: float, wall: float, *, rewatch: bool
+    ) -> None:
+        """Record what changed below `top` since the snapshot, and watch what is not watched.
+        With `rewatch`, after an overflow, every watch is renewed (a lost move may have left
+        one under a stale path) and every directory listed; without it only `top` and the
+        directories below it that were not watched, whose snapshot may be stale."""
+        stack = [top]
         while stack and not self._stopping.is_set():
             path = stack.pop()
             directory = self._dirs.get(path)
             if directory is None:
                 directory = self._dirs[path] = _Dir(root)
-            self._watch(path, directory)
+            elif not rewatch and path != top and directory.wd is not None:
+                continue  # watched all along, so its snapshot is current
+            if rewatch or directory.wd is None:
+                self._watch(path, directory)
             if not os.path.isdir(path):
                 continue  # vanished meanwhile; its parent's listing records that
             fresh = self._list(path)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.ci import unavailable
 
 from host_agent.collectors import filesystem
 from host_agent.collectors.filesystem import FileChangeCollector
@@ -23,7 +28,9 @@ from host_agent.store.schema import FILE_CHANGES
 from host_agent.store.writer import RowWriter
 
 Rows = list[dict[str, Any]]
+Log = dict[str, Any]
 QUEUE_SYSCTL = Path("/proc/sys/fs/inotify/max_queued_events")
+LIMITED_COLLECTOR = Path(__file__).with_name("limited_collector.py")
 
 
 def read_rows(db: Path) -> Rows:
@@ -40,20 +47,33 @@ def read_rows(db: Path) -> Rows:
         conn.close()
 
 
-def inotify_fds() -> set[int]:
-    """This process's inotify instances (file descriptors)."""
+async def wait_rows(db: Path, done: Callable[[Rows], bool], within: float = 10.0) -> Rows:
+    """Poll the SQLite file until `done(rows)` holds; fail with what was there."""
+    deadline = time.monotonic() + within
+    rows: Rows = []
+    while time.monotonic() < deadline:
+        rows = await asyncio.to_thread(read_rows, db)
+        if done(rows):
+            return rows
+        await asyncio.sleep(0.02)
+    summary = [(r["event_type"], r["file_path_relative"]) for r in rows[-40:]]
+    raise AssertionError(f"rows did not arrive in {within}s; last rows: {summary}")
+
+
+def inotify_fds(pid: int | str = "self") -> set[int]:
+    """A process's inotify instances (file descriptors); this process's by default."""
     found: set[int] = set()
-    for name in os.listdir("/proc/self/fd"):
+    for name in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:inotify":
                 found.add(int(name))
     return found
 
 
-def watched_inodes(fd: int) -> set[int]:
-    """Inode numbers the kernel holds a watch on for inotify instance `fd`."""
+def watched_inodes(fd: int, pid: int | str = "self") -> set[int]:
+    """Inode numbers the kernel holds a watch on for inotify instance `fd` of process `pid`."""
     inodes: set[int] = set()
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
         if line.startswith("inotify wd:"):
             fields = dict(part.split(":", 1) for part in line.split()[1:])
             inodes.add(int(fields["ino"], 16))
@@ -71,16 +91,7 @@ class Running:
         return await asyncio.to_thread(read_rows, self.db)
 
     async def wait_rows(self, done: Callable[[Rows], bool], within: float = 10.0) -> Rows:
-        """Poll the SQLite file until `done(rows)` holds; fail with what was there."""
-        deadline = time.monotonic() + within
-        rows: Rows = []
-        while time.monotonic() < deadline:
-            rows = await self.rows()
-            if done(rows):
-                return rows
-            await asyncio.sleep(0.02)
-        summary = [(r["event_type"], r["file_path_relative"]) for r in rows[-40:]]
-        raise AssertionError(f"rows did not arrive in {within}s; last rows: {summary}")
+        return await wait_rows(self.db, done, within)
 
     def watched_inodes(self) -> set[int]:
         assert self.inotify_fd is not None
@@ -99,7 +110,8 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def start_collector(tmp_path: Path, root: Path) -> AsyncIterator[StartCollector]:
-    """start(roots=[root], coalesce_ms=100, ignore=default, clock=...) -> Running.
+    """start(roots=[root], coalesce_ms=100, ignore=default, clock=..., retry_seconds=...)
+    -> Running.
 
     Waits until the initial watches are placed; stops the collector after the test."""
     started: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
@@ -110,6 +122,7 @@ async def start_collector(tmp_path: Path, root: Path) -> AsyncIterator[StartColl
         coalesce_ms: int = 100,
         enabled: bool = True,
         clock: Callable[[], float] = time.time,
+        retry_seconds: float = filesystem.WATCH_RETRY_SECONDS,
         **config: Any,
     ) -> Running:
         settings = FilesystemCollectorConfig(
@@ -120,7 +133,7 @@ async def start_collector(tmp_path: Path, root: Path) -> AsyncIterator[StartColl
         )
         db = tmp_path / "file_changes.db"
         writer = RowWriter(db, FILE_CHANGES)
-        collector = FileChangeCollector(settings, writer, clock=clock)
+        collector = FileChangeCollector(settings, writer, clock=clock, retry_seconds=retry_seconds)
         stop = asyncio.Event()
         before = inotify_fds()
         task = asyncio.create_task(collector.run(stop))
@@ -160,7 +173,7 @@ def inotify_queue_limit() -> Iterator[QueueLimit]:
     try:
         QUEUE_SYSCTL.write_text(QUEUE_SYSCTL.read_text())
     except OSError as exc:
-        pytest.skip(f"cannot change fs.inotify.max_queued_events here: {exc}")
+        unavailable(f"cannot change fs.inotify.max_queued_events here: {exc}")
     limit = QueueLimit()
     try:
         yield limit
@@ -185,3 +198,138 @@ def hold_reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
         yield gate
     finally:
         gate.set()
+
+
+@dataclass
+class LimitedCollector:
+    """A collector in a child process with a user namespace of its own, whose inotify watch
+    limit the test sets (see limited_collector.py); its logs are collected as they come."""
+
+    process: asyncio.subprocess.Process
+    db: Path
+    logs: list[Log]
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter:
+        assert self.process.stdin is not None
+        return self.process.stdin
+
+    async def read_logs(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            try:
+                self.logs.append(json.loads(line))
+            except ValueError:
+                self.logs.append({"event": "unparsed", "line": line.decode(errors="replace")})
+
+    def events(self, event: str) -> list[Log]:
+        return [log for log in self.logs if log.get("event") == event]
+
+    async def wait_log(
+        self, event: str, done: Callable[[Log], bool] = lambda _: True, within: float = 10.0
+    ) -> Log:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            found = next((log for log in self.events(event) if done(log)), None)
+            if found is not None:
+                return found
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {event} log in {within}s; logs: {self.logs[-20:]}")
+
+    async def command(self, line: str, within: float = 10.0) -> Log:
+        """Send a command; return the status it answers with."""
+        answered = len(self.events("status"))
+        self.stdin.write(f"{line}\n".encode())
+        await self.stdin.drain()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and self.process.returncode is None:
+            statuses = self.events("status")
+            if len(statuses) > answered:
+                return statuses[answered]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no answer to {line!r} in {within}s; logs: {self.logs[-20:]}")
+
+    async def wait_status(self, done: Callable[[Log], bool], within: float = 10.0) -> Log:
+        """Ask for the status until `done(status)` holds."""
+        deadline = time.monotonic() + within
+        status: Log = {}
+        while time.monotonic() < deadline:
+            status = await self.command("status")
+            if done(status):
+                return status
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"status did not get there in {within}s; last: {status}")
+
+    async def rows(self) -> Rows:
+        return await asyncio.to_thread(read_rows, self.db)
+
+    async def wait_rows(self, done: Callable[[Rows], bool], within: float = 10.0) -> Rows:
+        return await wait_rows(self.db, done, within)
+
+    def watched_inodes(self) -> set[int]:
+        fds = inotify_fds(self.process.pid)
+        assert len(fds) == 1, fds
+        return watched_inodes(fds.pop(), self.process.pid)
+
+    async def stop(self) -> None:
+        """Stop the collector the orderly way and check that it exited cleanly."""
+        self.stdin.write(b"stop\n")
+        await self.stdin.drain()
+        self.stdin.close()
+        await asyncio.wait_for(self.process.wait(), 20)
+        assert self.process.stderr is not None
+        stderr = (await self.process.stderr.read()).decode(errors="replace")
+        assert self.process.returncode == 0, stderr
+
+
+StartLimited = Callable[..., Awaitable[LimitedCollector]]
+
+
+@pytest.fixture
+async def limited_collector(tmp_path: Path, root: Path) -> AsyncIterator[StartLimited]:
+    """start(watches=N, retry_seconds=S) -> LimitedCollector on `root`, once its initial
+    watches are placed. Skips where user namespaces cannot be made or cannot lower the limit
+    (kernels before 5.11, containers without the privilege). Stopped (killed, if it will not
+    stop) after the test."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        unavailable("util-linux unshare is not installed")
+    command = [unshare, "--user", "--map-root-user"]
+    probe = subprocess.run(
+        [*command, "sh", "-c", "echo 8 > /proc/sys/user/max_inotify_watches"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        unavailable(f"cannot lower the inotify watch limit in a user namespace: {probe.stderr}")
+    started: list[tuple[LimitedCollector, asyncio.Task[None]]] = []
+
+    async def start(*, watches: int, retry_seconds: float) -> LimitedCollector:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            sys.executable,
+            str(LIMITED_COLLECTOR),
+            str(root),
+            str(tmp_path / "file_changes.db"),
+            str(watches),
+            str(retry_seconds),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        child = LimitedCollector(process, tmp_path / "file_changes.db", [])
+        started.append((child, asyncio.create_task(child.read_logs())))
+        await child.wait_log("fs.watching")
+        return child
+
+    try:
+        yield start
+    finally:
+        for child, reader in started:
+            if child.process.returncode is None:
+                child.process.kill()
+                await asyncio.wait_for(child.process.wait(), 10)
+            await asyncio.wait_for(reader, 10)

@@ -19,13 +19,12 @@ import structlog
 import watchdog.observers.inotify_c as inotify_c
 from structlog.testing import capture_logs
 
-from host_agent.collectors import filesystem
 from host_agent.collectors.filesystem import FileChangeCollector
 from host_agent.config import FilesystemCollectorConfig
 from host_agent.store.schema import FILE_CHANGES
 from host_agent.store.writer import RowWriter
 
-from .conftest import QueueLimit, Rows, StartCollector, inotify_fds, read_rows
+from .conftest import QueueLimit, Rows, StartCollector, StartLimited, inotify_fds, read_rows
 
 COLUMNS = {
     "event_time", "event_time_iso", "event_type", "file_path", "file_path_relative",
@@ -236,6 +235,8 @@ async def test_ignored_trees_cost_no_watch_and_give_no_rows(
     (root / ".git" / "objects" / "00" / "abc").write_text("x")
     (root / ".git" / "index.lock").write_text("x")
     (root / "src" / "pkg" / "mod.py.swp").write_text("x")
+    (root / "src" / "pkg" / ".mod.py.swo").write_text("x")
+    (root / "src" / "pkg" / "mod.py___jb_tmp___").write_text("x")
     (root / "src" / "pkg" / "mod.py~").write_text("x")
     (root / "src" / "__pycache__" / "mod.pyc").write_text("x")
     (root / "build" / "node_modules" / "deep").mkdir(parents=True)
@@ -362,6 +363,66 @@ async def test_watch_limit_logs_one_clear_message_and_keeps_watching(
     assert run.collector.errors == 0
 
 
+async def test_directories_refused_at_the_watch_limit_are_watched_once_it_is_raised(
+    limited_collector: StartLimited, root: Path
+) -> None:
+    """The kernel's own limit, lowered to one watch (the root's) in the collector's user
+    namespace: raising it must be enough, with no overflow and no restart."""
+    (root / "a").mkdir()
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / "a" / "old.txt").write_text("old")
+    (root / "b" / "gone.txt").write_text("gone")
+    child = await limited_collector(watches=1, retry_seconds=0.1)
+
+    def inode(relative: str) -> int:
+        return (root / relative).stat().st_ino
+
+    started = child.events("fs.watching")[0]
+    assert (started["watches"], started["unwatched"], started["watch_limit_hits"]) == (1, 3, 3)
+    assert child.watched_inodes() == {inode(".")}
+    [warning] = child.events("fs.watch_limit_reached")
+    assert warning["level"] == "warning"
+    assert warning["retry_seconds"] == 0.1
+    assert "asked for again every 0.1 s" in warning["detail"]
+    assert "next rescan" not in warning["detail"]
+
+    # Changes in the unwatched directories, not seen as they happen.
+    (root / "a" / "new.txt").write_text("new")
+    (root / "a" / "old.txt").write_text("changed")
+    (root / "b" / "gone.txt").unlink()
+    (root / "b" / "deep" / "x.txt").write_text("x")
+    (root / "b" / "deep" / "sub").mkdir()
+    (root / "b" / "deep" / "sub" / "y.txt").write_text("y")
+    (root / "top.txt").write_text("t")  # the root is watched
+    await child.wait_rows(has("top.txt", "created"))
+    # Retries go on while the limit holds, and are refused.
+    status = await child.wait_status(lambda status: status["watch_limit_hits"] >= 6)
+    assert (status["watches"], status["unwatched"]) == (1, 3)
+    assert by_path(await child.rows()) == {"top.txt": ["created"]}
+
+    await child.command("limit 100")  # as `sysctl fs.inotify.max_user_watches=...` would
+    expected = {
+        "top.txt": ["created"],
+        "a/new.txt": ["created"],
+        "a/old.txt": ["modified"],
+        "b/gone.txt": ["deleted"],
+        "b/deep/x.txt": ["created"],
+        "b/deep/sub": ["created"],
+        "b/deep/sub/y.txt": ["created"],
+    }
+    await child.wait_rows(lambda rows: by_path(rows).keys() >= expected.keys())
+    status = await child.wait_status(lambda status: status["unwatched"] == 0)
+    assert status["watches"] == 5
+    assert child.watched_inodes() == {inode(d) for d in (".", "a", "b", "b/deep", "b/deep/sub")}
+    assert len(child.events("fs.watch_limit_cleared")) == 1
+    # Watched now: a change is an event, and nothing was recorded twice.
+    (root / "b" / "deep" / "sub" / "z.txt").write_text("z")
+    rows = await child.wait_rows(has("b/deep/sub/z.txt", "created"))
+    assert by_path(rows) == expected | {"b/deep/sub/z.txt": ["created"]}
+    assert (await child.command("status"))["errors"] == 0
+    await child.stop()
+
+
 async def test_names_that_are_not_utf8(start_collector: StartCollector, root: Path) -> None:
     run = await start_collector()
     base = os.fsencode(root)
@@ -412,7 +473,7 @@ async def test_new_directories_are_scanned_so_the_mkdir_p_race_loses_nothing(
 async def test_editor_saves_are_one_modified_row(
     start_collector: StartCollector, root: Path
 ) -> None:
-    for name in ("notes.txt", "main.py", "vimfile.txt"):
+    for name in ("notes.txt", "main.py", "vimfile.txt", "Main.kt"):
         (root / name).write_text("original")
     run = await start_collector(coalesce_ms=500)
 
@@ -426,21 +487,29 @@ async def test_editor_saves_are_one_modified_row(
     os.rename(root / "vimfile.txt", root / "vimfile.txt~")
     (root / "vimfile.txt").write_text("new vim")
     os.remove(root / "vimfile.txt~")
+    # JetBrains "safe write": write a temporary file, rename the original away, rename the
+    # temporary file onto the original's name, drop the renamed original.
+    (root / "Main.kt___jb_tmp___").write_text("new kotlin")
+    os.rename(root / "Main.kt", root / "Main.kt___jb_old___")
+    os.rename(root / "Main.kt___jb_tmp___", root / "Main.kt")
+    os.remove(root / "Main.kt___jb_old___")
     # Saving a new file through a temporary one creates it.
     (root / ".fresh.txt.swp").write_text("fresh")
     os.replace(root / ".fresh.txt.swp", root / "fresh.txt")
 
-    await run.wait_rows(lambda rows: len(rows) >= 4)
+    await run.wait_rows(lambda rows: len(rows) >= 5)
     (root / "sentinel").write_text("s")
     rows = await run.wait_rows(has("sentinel", "created"))
     assert by_path(rows) == {
         "notes.txt": ["modified"],
         "main.py": ["modified"],
         "vimfile.txt": ["modified"],
+        "Main.kt": ["modified"],
         "fresh.txt": ["created"],
         "sentinel": ["created"],
     }
     assert only(rows, "notes.txt")["file_size"] == len("new notes")
+    assert only(rows, "Main.kt")["file_size"] == len("new kotlin")
 
 
 async def test_bursts_on_one_path_are_coalesced(
@@ -519,12 +588,10 @@ async def test_missing_roots_are_skipped_and_picked_up_when_they_appear(
     start_collector: StartCollector,
     root: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(filesystem, "ROOT_RETRY_SECONDS", 0.1)
     later = tmp_path / "later"
     with capture_logs() as logs:
-        run = await start_collector(roots=[later, root])
+        run = await start_collector(roots=[later, root], retry_seconds=0.1)
     missing = [log for log in logs if log["event"] == "fs.root_missing"]
     assert [log["root"] for log in missing] == [str(later)]
     (root / "a.txt").write_text("a")
