@@ -51,6 +51,7 @@ from host_agent.config import AgentConfig
 from host_agent.localpg import LocalPostgres, free_port, scram_verifier
 from host_agent.status import collect_status
 from host_agent.store import FILE_CHANGES, RowWriter
+from host_agent.sync.loop import SyncLoop
 
 MakeConfig = Callable[..., AgentConfig]
 MakeProxy = Callable[[str, int], TcpProxy]
@@ -207,6 +208,66 @@ async def test_connection_cut_mid_batch_is_retried_and_every_row_arrives_once(
 # --- 3. the daemon rides out a server outage -----------------------------------------------
 
 
+class InProcessAgent:
+    """`Agent.run` in this event loop, with a RowWriter that wakes its sync loop on every
+    commit (what the collectors' writers do) and owns one thread, as a collector's would."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.agent = Agent(config)
+        self._config = config
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._writer: RowWriter | None = None
+
+    @property
+    def sync_loop(self) -> SyncLoop:
+        assert self.agent.sync_loop is not None
+        return self.agent.sync_loop
+
+    async def __aenter__(self) -> InProcessAgent:
+        self._task = asyncio.create_task(self.agent.run(self._stop))
+        await asyncio.wait_for(self.agent.started.wait(), 10)
+        loop, sync_loop = asyncio.get_running_loop(), self.sync_loop
+        self._writer = RowWriter(
+            self._config.database.file_events_db,
+            FILE_CHANGES,
+            on_commit=lambda *_: loop.call_soon_threadsafe(sync_loop.wake),
+        )
+        return self
+
+    async def insert(self, first: int, count: int) -> float:
+        """Write file events first..first+count-1; return how long the write took."""
+        assert self._writer is not None
+        rows = [file_event(i) for i in range(first, first + count)]
+        began = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._writer.insert_many, rows
+        )
+        return time.monotonic() - began
+
+    async def stop(self, within: float) -> None:
+        """Ask the agent to stop; fail unless it has within `within` seconds, cleanly."""
+        assert self._task is not None
+        self._stop.set()
+        done, _ = await asyncio.wait({self._task}, timeout=within)
+        assert self._task in done, f"the agent did not stop within {within} s of being asked"
+        self._task.result()
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            if not self._task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._task), 30)
+            if not self._task.done():
+                self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
+        self._thread.shutdown(wait=True)
+
+
 async def test_daemon_keeps_collecting_while_the_server_is_down_and_catches_up(
     private_pg: LocalPostgres, make_config: MakeConfig
 ) -> None:
@@ -224,28 +285,8 @@ async def test_daemon_keeps_collecting_while_the_server_is_down_and_catches_up(
         },
     )
     db = config.database.file_events_db
-    loop = asyncio.get_running_loop()
-    agent = Agent(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    # One thread owns the writer, as a collector's thread would.
-    writer_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    writer: RowWriter | None = None
-    try:
-        await asyncio.wait_for(agent.started.wait(), 10)
-        sync_loop = agent.sync_loop
-        assert sync_loop is not None
-        # What the agent's collectors' writers do on commit: wake the sync loop.
-        writer = RowWriter(
-            db, FILE_CHANGES, on_commit=lambda *_: loop.call_soon_threadsafe(sync_loop.wake)
-        )
-
-        async def insert(first: int, count: int) -> float:
-            assert writer is not None
-            rows = [file_event(i) for i in range(first, first + count)]
-            began = time.monotonic()
-            await loop.run_in_executor(writer_thread, writer.insert_many, rows)
-            return time.monotonic() - began
+    async with InProcessAgent(config) as running:
+        sync_loop, insert = running.sync_loop, running.insert
 
         async def remote_count() -> int:
             return int((await pg_fetch(url, "SELECT count(*) FROM file_change_events"))[0][0])
@@ -319,18 +360,7 @@ async def test_daemon_keeps_collecting_while_the_server_is_down_and_catches_up(
         finally:
             await conn.close()
 
-        stop.set()
-        done, _ = await asyncio.wait({task}, timeout=5)
-        assert task in done, "the agent did not stop within 5 s of being asked"
-        task.result()
-    finally:
-        stop.set()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if writer is not None:
-            await loop.run_in_executor(writer_thread, writer.close)
-        writer_thread.shutdown(wait=True)
+        await running.stop(within=5)
 
 
 async def test_a_burst_of_writes_is_shipped_in_one_woken_run(
@@ -341,27 +371,13 @@ async def test_a_burst_of_writes_is_shipped_in_one_woken_run(
     config = make_config(
         schema_url, data_sync={"interval_seconds": 3600, "wake_delay_seconds": 1.5}
     )
-    loop = asyncio.get_running_loop()
-    agent = Agent(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    writer_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    writer: RowWriter | None = None
-    try:
-        await asyncio.wait_for(agent.started.wait(), 10)
-        sync_loop = agent.sync_loop
-        assert sync_loop is not None
+    async with InProcessAgent(config) as running:
+        sync_loop = running.sync_loop
         await async_wait_until(lambda: _true(sync_loop.runs >= 1), 10, "the start-up run")
         runs_before = sync_loop.runs
-        writer = RowWriter(
-            config.database.file_events_db,
-            FILE_CHANGES,
-            on_commit=lambda *_: loop.call_soon_threadsafe(sync_loop.wake),
-        )
         began = time.monotonic()
         for burst in range(10):  # ten commits, each waking the loop
-            rows = [file_event(burst * 5 + i) for i in range(5)]
-            await loop.run_in_executor(writer_thread, writer.insert_many, rows)
+            await running.insert(burst * 5, 5)
         assert time.monotonic() - began < 1.0, "the burst must fit in the wake delay"
 
         async def remote_count() -> int:
@@ -376,12 +392,6 @@ async def test_a_burst_of_writes_is_shipped_in_one_woken_run(
             lambda: _true(sync_loop.runs > runs_before), 20, "the woken run to end"
         )
         assert sync_loop.runs - runs_before == 1
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        if writer is not None:
-            writer.close()
-        writer_thread.shutdown()
 
 
 async def _true(value: bool) -> bool:
