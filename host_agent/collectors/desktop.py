@@ -8,8 +8,14 @@ hangs (a frozen server answers nothing, and python-xlib waits forever), which it
 shutting the connection's socket.
 
 Rows: a session is inserted when it starts (end_time NULL), extended every
-`checkpoint_interval_seconds` and given its final end when it closes. Times are whole epoch
-seconds from the injected clock, floored, so one session's end equals the next one's start.
+`checkpoint_interval_seconds` and given its final end when it closes; idle detected after a
+title or focus change rewrites the rows recorded since input stopped (`sessions.Revised`).
+Times are whole epoch seconds from the injected clock, floored, so one session's end equals the
+next one's start. At start, rows a killed process left open are closed (see
+`_close_leftover_rows`).
+
+Store trouble (the local database full under `stop_collecting`, a failed write) costs rows, not
+the X connection: it is logged and counted, and polling goes on.
 
 Outages (X server gone, display not openable, a request failing) close the open session at the
 last poll that saw it, are logged once when they begin and once when they end, and are retried
@@ -23,7 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +43,7 @@ from host_agent.collectors.sessions import (
     Observation,
     Opened,
     Privacy,
+    Revised,
     Session,
     SessionTracker,
     WindowInfo,
@@ -44,6 +51,7 @@ from host_agent.collectors.sessions import (
 )
 from host_agent.collectors.x11_window import WINDOW_GONE_ERRORS, X11Connection, X11Unavailable
 from host_agent.config import DesktopCollectorConfig
+from host_agent.store.connection import connect
 from host_agent.store.writer import RowWriter
 
 STATE_STARTING = "starting"
@@ -72,9 +80,10 @@ class DesktopActivityCollector:
 
     `state` is "starting", "running", "reconnecting", "disabled: no X11 display",
     "disabled: by configuration", "failed: see log" (a bug ended the worker) or "stopped".
-    `sessions_recorded` counts inserted session rows, `x_errors` counts failed X requests and
-    connection attempts. A writer serves one run(): the worker thread closes it at the end (see
-    the module docstring).
+    `polls` counts completed polls of the X server, `sessions_recorded` inserted session rows,
+    `x_errors` failed X requests and connection attempts, `store_errors` failed writes to the
+    local store; `errors` is their sum. A writer serves one run(): the worker thread closes it
+    at the end (see the module docstring).
     """
 
     def __init__(
@@ -105,13 +114,24 @@ class DesktopActivityCollector:
             checkpoint_interval=config.checkpoint_interval_seconds,
             gap_threshold=gap_threshold(config.poll_interval_seconds),
         )
-        self._row_id: int | None = None
+        # Row ids of the open session and of the closed ones the tracker may still revise,
+        # matched by identity: a session whose insert failed or was refused has none, so
+        # its later end can never land on another session's row.
+        self._rows: list[tuple[Session, int]] = []
+        self._window_lost = False  # the previous poll gave up on a vanished window
         self._lock = threading.Lock()  # guards _connection and _request_started across threads
         self._connection: X11Connection | None = None
         self._request_started: float | None = None  # monotonic; set while X requests run
         self.state = STATE_STARTING
+        self.polls = 0
         self.sessions_recorded = 0
         self.x_errors = 0
+        self.store_errors = 0
+
+    @property
+    def errors(self) -> int:
+        """Failures recovered from (X and store), as exported to metrics."""
+        return self.x_errors + self.store_errors
 
     # --- event loop side -----------------------------------------------------------------
 
@@ -236,6 +256,7 @@ class DesktopActivityCollector:
     # --- worker thread -------------------------------------------------------------------
 
     def _work(self, name: str, halt: threading.Event) -> None:
+        self._close_leftover_rows()
         backoff = self._backoff_initial
         outage_since: float | None = None  # monotonic start of the current outage
         attempts = 0
@@ -299,7 +320,7 @@ class DesktopActivityCollector:
                     self._log.error(
                         "desktop.poll_failed", display=name, error=_describe(exc), exc_info=True
                     )
-                self._apply_safely(self._tracker.interrupt())
+                self._apply(self._tracker.interrupt())
             finally:
                 with self._lock:
                     self._connection = None
@@ -315,7 +336,7 @@ class DesktopActivityCollector:
                 break
             backoff = min(backoff * 2, self._backoff_max)
 
-        self._apply_safely(self._tracker.finish(self._clock()))
+        self._apply(self._tracker.finish(self._clock()))
 
     def _probe_timeout(self) -> float:
         return min(self._stall_timeout, 5.0)
@@ -323,33 +344,23 @@ class DesktopActivityCollector:
     def _poll(self, connection: X11Connection, halt: threading.Event) -> None:
         while not halt.is_set():
             observed = self._observe(connection)
-            if observed is not None:
-                previous, gaps = self._tracker.last_observation, self._tracker.gaps
-                commands = self._tracker.observe(observed)
-                if self._tracker.gaps != gaps and previous is not None:
-                    self._log.info(
-                        "desktop.gap_detected",
-                        seconds=round(observed.time - previous, 1),
-                        note="session closed at the last poll before the gap",
-                    )
-                self._apply(commands)
+            previous, gaps = self._tracker.last_observation, self._tracker.gaps
+            commands = self._tracker.observe(observed)
+            if self._tracker.gaps != gaps and previous is not None:
+                self._log.info(
+                    "desktop.gap_detected",
+                    seconds=round(observed.time - previous, 1),
+                    note="session closed at the last poll before the gap",
+                )
+            self._apply(commands)
+            self.polls += 1
             halt.wait(self.config.poll_interval_seconds)
 
-    def _observe(self, connection: X11Connection) -> Observation | None:
+    def _observe(self, connection: X11Connection) -> Observation:
         with self._lock:
             self._request_started = time.monotonic()
         try:
-            window: WindowInfo | None = None
-            # A window destroyed between our requests raises BadWindow; the focus has moved
-            # on, so ask again once before giving up on this poll.
-            for attempt in range(2):
-                try:
-                    window = connection.focused_window()
-                    break
-                except WINDOW_GONE_ERRORS:
-                    self.x_errors += 1
-                    if attempt:
-                        return None
+            window = self._focused_window(connection)
             idle = connection.idle_seconds()
         finally:
             with self._lock:
@@ -357,37 +368,129 @@ class DesktopActivityCollector:
         # Read after the requests: a request that hung shows up as a gap, not as activity.
         return Observation(self._clock(), self._privacy.activity(window), idle)
 
-    def _apply_safely(self, commands: Sequence[Command]) -> None:
+    def _focused_window(self, connection: X11Connection) -> WindowInfo | None:
+        """The focused window; None when it vanished twice in a row under our requests.
+
+        A window destroyed between our requests raises BadWindow; the focus has usually moved
+        on, so ask again once. If that fails too, nothing is recorded for this poll: the window
+        focused before must not be credited with the time. Logged once per occurrence, however
+        many polls it lasts (a stale `_NET_ACTIVE_WINDOW` would fail on every one).
+        """
         try:
-            self._apply(commands)
-        except Exception as exc:
-            self._row_id = None
-            self._log.error("desktop.store_write_failed", error=_describe(exc), exc_info=True)
+            window = connection.focused_window()
+        except WINDOW_GONE_ERRORS:
+            self.x_errors += 1
+            try:
+                window = connection.focused_window()
+            except WINDOW_GONE_ERRORS as exc:
+                self.x_errors += 1
+                if not self._window_lost:
+                    self._window_lost = True
+                    self._log.info(
+                        "desktop.window_vanished",
+                        display=connection.name,
+                        error=_describe(exc),
+                        note="the focused window disappeared while being read; not recorded",
+                    )
+                return None
+        self._window_lost = False
+        return window
 
     def _apply(self, commands: Sequence[Command]) -> None:
+        """Write `commands`; a failed write is logged and counted, never raised.
+
+        Raising here would end the poll and tear down a healthy X connection for a store
+        problem. Each command is written on its own, so one failure loses only its own row.
+        """
         for command in commands:
-            if isinstance(command, Opened):
-                # Cleared first: if the insert fails, later updates must not hit the old row.
-                self._row_id = None
-                (self._row_id,) = self.writer.insert_many([self._start_row(command.session)])
-                self.sessions_recorded += 1
-                self._log.debug(
-                    "desktop.session_started",
-                    application=command.session.application,
-                    idle=command.session.is_idle,
+            try:
+                self._write(command)
+            except Exception as exc:
+                self.store_errors += 1
+                self._log.error(
+                    "desktop.store_write_failed",
+                    command=type(command).__name__,
+                    error=_describe(exc),
+                    exc_info=True,
                 )
-            elif isinstance(command, (Extended, Closed)):
-                if self._row_id is None:
-                    continue
-                self.writer.update(self._row_id, self._end_values(command.session, command.end))
-                if isinstance(command, Closed):
-                    self._row_id = None
-                    self._log.debug(
-                        "desktop.session_closed",
-                        application=command.session.application,
-                        reason=command.reason,
-                        seconds=round(command.end - command.session.start, 1),
-                    )
+        # By identity (equal sessions may exist); all of them are alive, so id() is safe here.
+        keep = {id(self._tracker.open_session), *map(id, self._tracker.revisable)}
+        self._rows = [(known, row) for known, row in self._rows if id(known) in keep]
+
+    def _row_of(self, session: Session) -> int | None:
+        return next((row for known, row in self._rows if known is session), None)
+
+    def _write(self, command: Command) -> None:
+        if isinstance(command, Opened):
+            ids = self.writer.insert_many([self._start_row(command.session)])
+            if not ids:
+                # Refused (local database full under stop_collecting; the writer logged it).
+                # The session goes unrecorded; the next one is offered again.
+                self._log.debug(
+                    "desktop.session_not_stored", application=command.session.application
+                )
+                return
+            self._rows.append((command.session, ids[0]))
+            self.sessions_recorded += 1
+            self._log.debug(
+                "desktop.session_started",
+                application=command.session.application,
+                idle=command.session.is_idle,
+            )
+        elif isinstance(command, Revised):
+            changes, moved = [], []
+            for revision in command.revisions:
+                row = self._row_of(revision.old)
+                if row is not None:
+                    changes.append((row, self._revised_row(revision.new, revision.end)))
+                    moved.append((revision.old, revision.new, row))
+            self.writer.update_many(changes)  # one transaction: no half-revised idle period
+            for old, new, row in moved:
+                self._rows = [entry for entry in self._rows if entry[0] is not old]
+                self._rows.append((new, row))
+            self._log.debug("desktop.sessions_revised", rows=len(changes), reason="idle")
+        elif isinstance(command, (Extended, Closed)):
+            row = self._row_of(command.session)
+            if row is None:
+                return
+            self.writer.update(row, self._end_values(command.session, command.end))
+            if isinstance(command, Closed):
+                self._log.debug(
+                    "desktop.session_closed",
+                    application=command.session.application,
+                    reason=command.reason,
+                    seconds=round(command.end - command.session.start, 1),
+                )
+
+    def _close_leftover_rows(self) -> None:
+        """End the rows a killed process left open, so none stays open forever.
+
+        A checkpoint writes end_time, so a row whose end_time is NULL was never checkpointed:
+        all that is known is when it began, and it ends there. A row checkpointed before the
+        kill already ends at its last checkpoint and is left alone. The update makes the sync
+        engine ship the row again.
+        """
+        try:
+            open_rows = self._rows_left_open()
+            if not open_rows:
+                return
+            self.writer.update_many(
+                [(row_id, _end_columns(start, start)) for row_id, start in open_rows]
+            )
+        except Exception as exc:
+            self.store_errors += 1
+            self._log.error(
+                "desktop.store_write_failed",
+                command="close_leftover_rows",
+                error=_describe(exc),
+                exc_info=True,
+            )
+            return
+        self._log.info(
+            "desktop.leftover_sessions_closed",
+            rows=len(open_rows),
+            note="left open by a process that was killed; ended at their start",
+        )
 
     def _start_row(self, session: Session) -> dict[str, object]:
         start = int(session.start)
@@ -405,10 +508,45 @@ class DesktopActivityCollector:
             "created_at": int(self._clock()),
         }
 
+    def _rows_left_open(self) -> list[tuple[int, int]]:
+        """(id, start_time) of rows with end_time NULL, read on a short-lived connection.
+
+        Nothing else writes this table before the first poll, so reading apart from the
+        writer and then updating through it (which wakes the sync loop) is safe.
+        """
+        table, path = self.writer.table.name, self.writer.path
+        if not path.exists():
+            return []
+        with closing(connect(path)) as conn:
+            known = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            ).fetchone()
+            if known is None:
+                return []
+            query = f"SELECT id, start_time FROM {table} WHERE end_time IS NULL ORDER BY id"
+            return [(int(row_id), int(start)) for row_id, start in conn.execute(query)]
+
     @staticmethod
     def _end_values(session: Session, end: float) -> dict[str, object]:
-        start, stop = int(session.start), int(end)
-        return {"end_time": stop, "end_time_iso": _iso(stop), "duration_seconds": stop - start}
+        return _end_columns(int(session.start), int(end))
+
+    @staticmethod
+    def _revised_row(session: Session, end: float) -> dict[str, object]:
+        start = int(session.start)
+        return {
+            "start_time": start,
+            "start_time_iso": _iso(start),
+            "application_name": session.application,
+            "window_title": session.title,
+            "process_name": session.process_name,
+            "pid": session.pid,
+            "is_idle": int(session.is_idle),
+            **_end_columns(start, int(end)),
+        }
+
+
+def _end_columns(start: int, end: int) -> dict[str, object]:
+    return {"end_time": end, "end_time_iso": _iso(end), "duration_seconds": end - start}
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -9,10 +9,16 @@ Rules, in the order `observe` applies them:
 1. Gap: when the time since the previous poll is negative or longer than `gap_threshold`
    (suspend, a frozen process, the clock set back), the open session ends at the previous poll,
    not stretched over the gap, and recording starts afresh at this poll.
-2. Idle: once X reports `idle_seconds >= idle_timeout`, the open session ends at the moment
-   input stopped (`time - idle_seconds`, never before the session's start) and an idle session
-   begins there. While idle, focus changes are ignored. The first poll with fresh input ends the
-   idle session at the moment input resumed and opens the focused activity from that moment.
+2. Idle: once X reports `idle_seconds >= idle_timeout`, input stopped at `t0 = time -
+   idle_seconds`, never before this stretch of polls began nor before a session opened by a
+   poll that saw fresh input (that input likely caused it). Idle is only known that late, so
+   what was recorded since t0 is revised: the session open at t0 ends at t0, and sessions
+   opened after it (a title or focus change without input: a chat client's unread counter, a
+   build finishing) become idle rows that follow each other from t0, the newest staying open as
+   the idle session (`Revised`); with nothing recorded since t0, the open session ends at t0
+   and a new idle session begins there. While idle, focus changes are ignored. The first poll
+   with fresh input ends the idle session at the moment input resumed and opens the focused
+   activity from that moment.
 3. Focus: a change of application, title or pid ends the open session and starts a new one at
    this poll. `activity=None` (no focused window, or an excluded application) ends the open
    session and records nothing until something recordable is focused.
@@ -103,7 +109,26 @@ class Closed:
     reason: str  # changed, idle, active, unrecorded, gap, interrupted, stopped
 
 
-Command = Opened | Extended | Closed
+@dataclass(frozen=True)
+class Revision:
+    """The row recorded for `old` now describes `new` and ends (or is checkpointed) at `end`."""
+
+    old: Session
+    new: Session
+    end: float
+
+
+@dataclass(frozen=True)
+class Revised:
+    """Idle found after the fact: rows recorded since input stopped, rewritten together.
+
+    Rewritten rather than deleted: an update is shipped again (newest wins), a deletion is not.
+    """
+
+    revisions: tuple[Revision, ...]
+
+
+Command = Opened | Extended | Closed | Revised
 
 
 def application_name(window: WindowInfo) -> str:
@@ -168,12 +193,22 @@ class SessionTracker:
         self._open: Session | None = None
         self._checkpointed = 0.0
         self._last: float | None = None  # time of the previous observation in this stretch
-        self._floor = -math.inf  # no session may start before this: they must not overlap
+        # Nothing may be revised or start before this (start of the stretch, end of a session
+        # that can no longer change): sessions must not overlap.
+        self._floor = -math.inf
+        self._input = -math.inf  # latest moment input was seen in this stretch
+        # Sessions closed after the latest input seen: idle detected later may revise them.
+        self._recent: list[tuple[Session, float]] = []
         self.gaps = 0
 
     @property
     def open_session(self) -> Session | None:
         return self._open
+
+    @property
+    def revisable(self) -> tuple[Session, ...]:
+        """Closed sessions a later `Revised` may still rewrite; older ones are final."""
+        return tuple(session for session, _ in self._recent)
 
     @property
     def last_observation(self) -> float | None:
@@ -186,29 +221,34 @@ class SessionTracker:
             self.gaps += 1
             commands += self._close(self._last, "gap")
             self._last = None
-        if self._last is None:
-            self._floor = now
+        previous = self._last
+        if previous is None:
+            self._floor, self._input, self._recent = now, -math.inf, []
         self._last = now
 
         idle = obs.idle_seconds
         current = self._open
         if idle is not None and idle >= self._idle_timeout:
             if current is None or not current.is_idle:
-                since = min(max(now - idle, self._floor), now)
-                commands += self._close(since, "idle")
-                commands += self._start(
-                    Session(since, IDLE_APPLICATION, None, None, None, is_idle=True)
-                )
-        elif current is not None and current.is_idle:
-            since = now if idle is None else min(max(now - idle, current.start), now)
-            commands += self._close(since, "active")
-            if obs.activity is not None:
-                commands += self._start(_session(obs.activity, since))
-        elif obs.activity is None:
-            commands += self._close(now, "unrecorded")
-        elif current is None or not _same(current, obs.activity):
-            commands += self._close(now, "changed")
-            commands += self._start(_session(obs.activity, now))
+                commands += self._go_idle(now, min(max(now - idle, self._floor), now))
+        else:
+            # Without the screen-saver extension every poll counts as input.
+            input_at = now if idle is None else min(now - idle, now)
+            if current is not None and current.is_idle:
+                since = max(input_at, current.start)
+                commands += self._close(since, "active")
+                if obs.activity is not None:
+                    commands += self._start(_session(obs.activity, since))
+            elif obs.activity is None:
+                commands += self._close(now, "unrecorded")
+            elif current is None or not _same(current, obs.activity):
+                commands += self._close(now, "changed")
+                commands += self._start(_session(obs.activity, now))
+            if self._open is not None and (previous is None or input_at > previous):
+                # Input since the previous poll may be what changed the focus (a click, a
+                # key): the session it opened is the user's, and idle never starts before it.
+                self._floor = max(self._floor, self._open.start)
+            self._settle(input_at)
 
         if self._open is not None and now - self._checkpointed >= self._checkpoint_interval:
             self._checkpointed = now
@@ -229,10 +269,44 @@ class SessionTracker:
         self._last = None
         return self._close(end, "stopped")
 
+    def _go_idle(self, now: float, since: float) -> list[Command]:
+        """Input stopped at `since`: nothing recorded after it may count as activity."""
+        self._settle(since)
+        current = self._open
+        if current is not None and current.start <= since:
+            # The usual case: no change since input stopped.
+            return self._close(since, "idle") + self._start(_idle(since))
+        revisions: list[Revision] = []
+        start = since  # idle rows follow each other from `since`, holes between them filled
+        for session, end in self._recent:
+            if session.start <= since:
+                revisions.append(Revision(session, session, since))
+            else:
+                revisions.append(Revision(session, _idle(start), end))
+                start = end
+        self._recent = []
+        if current is None and revisions and revisions[-1].new.is_idle:
+            # Nothing open to reuse: the newest revised row becomes the open idle session.
+            newest = revisions.pop()
+            current, start = newest.old, newest.new.start
+        if current is None:
+            commands: list[Command] = [Revised(tuple(revisions))] if revisions else []
+            return commands + self._start(_idle(start))
+        idle = _idle(start)
+        revisions.append(Revision(current, idle, now))
+        self._open, self._checkpointed = idle, now
+        return [Revised(tuple(revisions))]
+
+    def _settle(self, input_at: float) -> None:
+        """Input was seen at `input_at`: sessions closed by then can no longer be revised."""
+        self._input = max(self._input, input_at)
+        while self._recent and self._recent[0][1] <= self._input:
+            _, end = self._recent.pop(0)
+            self._floor = max(self._floor, end)
+
     def _start(self, session: Session) -> list[Command]:
         self._open = session
         self._checkpointed = session.start
-        self._floor = max(self._floor, session.start)
         return [Opened(session)]
 
     def _close(self, end: float, reason: str) -> list[Command]:
@@ -241,8 +315,12 @@ class SessionTracker:
             return []
         end = max(end, session.start)
         self._open = None
-        self._floor = max(self._floor, end)
+        self._recent.append((session, end))
         return [Closed(session, end, reason)]
+
+
+def _idle(start: float) -> Session:
+    return Session(start, IDLE_APPLICATION, None, None, None, is_idle=True)
 
 
 def _session(activity: Activity, start: float) -> Session:

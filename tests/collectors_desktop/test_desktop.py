@@ -9,11 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,149 +17,21 @@ import pytest
 import Xlib.display
 from Xlib import X, Xatom
 
-from host_agent.collectors.desktop import DesktopActivityCollector
-from host_agent.collectors.sessions import (
-    REDACTED_TITLE,
-    Activity,
-    Closed,
-    Extended,
-    Observation,
-    Opened,
-    Privacy,
-    SessionTracker,
-    WindowInfo,
-)
-from host_agent.config import DesktopCollectorConfig
+from host_agent.collectors.sessions import REDACTED_TITLE
 from host_agent.store.writer import RowWriter
 
 from .conftest import Desktop, db_bytes, read_rows
-
-WAIT = 10.0  # generous deadline for anything a poll of 0.1 s should show within a second
-
-
-class RecordingLog:
-    """A structlog-like logger that keeps (level, event, fields); safe across threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _add(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        with self._lock:
-            self.events.append((level, event, fields))
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._add("debug", event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._add("info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._add("warning", event, fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._add("error", event, fields)
-
-    def named(self, event: str) -> list[tuple[str, str, dict[str, Any]]]:
-        with self._lock:
-            return [entry for entry in self.events if entry[1] == event]
-
-    def at_level(self, level: str) -> list[str]:
-        with self._lock:
-            return [event for lvl, event, _ in self.events if lvl == level]
-
-
-class FakeClock:
-    """Real time plus an offset the test moves forward to simulate suspend or elapsed time."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-def settings(**overrides: Any) -> DesktopCollectorConfig:
-    values: dict[str, Any] = {"poll_interval_seconds": 0.1}
-    values.update(overrides)
-    return DesktopCollectorConfig(**values)
-
-
-def make_collector(
-    desktop: Desktop | None,
-    writer: RowWriter,
-    log: RecordingLog | None = None,
-    *,
-    clock: Callable[[], float] = time.time,
-    **overrides: Any,
-) -> DesktopActivityCollector:
-    fast = {
-        key: overrides.pop(key)
-        for key in ("reconnect_initial_seconds", "reconnect_max_seconds", "stall_timeout_seconds")
-        if key in overrides
-    }
-    return DesktopActivityCollector(
-        settings(**overrides),
-        writer,
-        log if log is not None else RecordingLog(),
-        display=desktop.display if desktop is not None else None,
-        clock=clock,
-        **fast,
-    )
-
-
-@asynccontextmanager
-async def running(collector: DesktopActivityCollector) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(collector.run(stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, WAIT)
-
-
-async def wait_rows(
-    db_path: Path, predicate: Callable[[list[dict[str, Any]]], bool], what: str
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + WAIT
-    rows: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        rows = await asyncio.to_thread(read_rows, db_path)
-        if predicate(rows):
-            return rows
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; rows: {rows}")
-
-
-async def wait_for(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def apps(rows: list[dict[str, Any]]) -> list[str]:
-    return [row["application_name"] for row in rows]
-
-
-def assert_well_formed(rows: list[dict[str, Any]]) -> None:
-    """Closed, consistent rows whose times follow each other."""
-    for row in rows:
-        assert row["end_time"] is not None, row
-        assert row["start_time"] <= row["end_time"], row
-        assert row["duration_seconds"] == row["end_time"] - row["start_time"], row
-        assert datetime.fromisoformat(row["start_time_iso"]).timestamp() == row["start_time"]
-        assert datetime.fromisoformat(row["end_time_iso"]).timestamp() == row["end_time"]
-        assert row["start_time_iso"].endswith("+00:00")
-        # Stored when it starts; an idle session is only known once the timeout has passed.
-        assert row["created_at"] >= row["start_time"]
-        if not row["is_idle"]:
-            assert row["created_at"] - row["start_time"] <= 1
-    for earlier, later in itertools.pairwise(rows):
-        assert earlier["end_time"] <= later["start_time"], (earlier, later)
-
+from .helpers import (
+    WAIT,
+    FakeClock,
+    RecordingLog,
+    apps,
+    assert_well_formed,
+    make_collector,
+    running,
+    wait_for,
+    wait_rows,
+)
 
 # --- focus, titles, pids ---------------------------------------------------------------------
 
@@ -323,6 +191,58 @@ async def test_idle_session_starts_when_input_stopped_and_ends_on_input(
     assert_well_formed(rows)
 
 
+async def test_title_changes_while_idle_are_not_counted_as_work(
+    desktop: Desktop, writer: RowWriter, db_path: Path
+) -> None:
+    alpha = desktop.xterm("alpha window", "Alpha")
+    desktop.activate(alpha.window_id)
+    desktop.touch()  # Xvfb has been idle since it started
+    collector = make_collector(desktop, writer, idle_timeout_seconds=4)
+
+    def titles(rows: list[dict[str, Any]]) -> list[str | None]:
+        return [row["window_title"] for row in rows]
+
+    async with running(collector):
+        await wait_rows(db_path, lambda r: titles(r) == ["alpha window"], "the session")
+        desktop.touch()
+        last_input = time.time()
+        # Two polls later the input is old news: the title changes below, which are not input
+        # (a chat client's unread counter), each open a session no input can explain.
+        seen = collector.polls
+        await wait_for(lambda: collector.polls >= seen + 2, "polls after the input")
+        for title in ("(1) alpha window", "(2) alpha window"):
+            desktop.xdotool("set_window", "--name", title, str(alpha.window_id))
+            await wait_rows(db_path, lambda r, t=title: titles(r)[-1:] == [t], f"title {title}")
+        rows = await wait_rows(
+            db_path, lambda r: len(r) == 3 and r[-1]["is_idle"] == 1, "idle found 4 s later"
+        )
+        # No new row: the two sessions opened without input were turned into the idle period.
+        assert [(r["application_name"], r["is_idle"]) for r in rows] == [
+            ("Alpha", 0),
+            ("idle", 1),
+            ("idle", 1),
+        ]
+        desktop.touch()
+        input_back = time.time()
+        await wait_rows(db_path, lambda r: len(r) == 4, "activity after input")
+
+    rows = read_rows(db_path)
+    work, idle_1, idle_2, again = rows
+    assert abs(work["end_time"] - last_input) <= 1  # work ends when input stopped
+    assert idle_1["start_time"] == work["end_time"]
+    assert idle_1["window_title"] is None and idle_1["pid"] is None
+    assert idle_2["window_title"] is None and idle_2["pid"] is None
+    assert again["is_idle"] == 0 and again["window_title"] == "(2) alpha window"
+    assert abs(again["start_time"] - input_back) <= 1
+    # Between the input stopping and resuming, nothing is work.
+    for row in rows:
+        if not row["is_idle"]:
+            assert row["end_time"] <= int(last_input) + 1 or row["start_time"] >= int(input_back)
+    assert_well_formed(rows)
+    for earlier, later in itertools.pairwise(rows):
+        assert earlier["end_time"] == later["start_time"]
+
+
 # --- privacy ---------------------------------------------------------------------------------
 
 
@@ -433,8 +353,13 @@ async def test_survives_x_server_restart(
         )
         assert rows[0]["end_time"] <= killed_at
         await wait_for(
-            lambda: len(log.named("desktop.x11_connect_failed")) >= 3, "several failed retries"
+            lambda: len(log.named("desktop.x11_connect_failed")) >= 5, "several failed retries"
         )
+        # Backed off, not spinning: waits of 0.1, 0.2, then 0.4 s before each new attempt
+        # allow at most 2 + elapsed / 0.4 attempts (one more for timer slack).
+        elapsed = time.time() - killed_at
+        attempts = len(log.named("desktop.x11_connect_failed"))
+        assert attempts <= 3 + elapsed / 0.4, (attempts, elapsed)
         # One warning for the whole outage, however many retries.
         assert log.at_level("warning") == ["desktop.x11_connection_lost"]
         assert not task.done()
@@ -510,60 +435,3 @@ async def test_without_x11_display_disables_itself(
     assert warning[0] == "warning" and "Wayland" in warning[2]["reason"]
     assert log.at_level("warning") == ["desktop.disabled"]
     assert not await asyncio.to_thread(db_path.exists)  # the writer was never used
-
-
-# --- the pure state machine ------------------------------------------------------------------
-
-
-def _tracker(gap: float = 10) -> SessionTracker:
-    return SessionTracker(idle_timeout=60, checkpoint_interval=30, gap_threshold=gap)
-
-
-EDITOR = Activity("Editor", "file.py", 10, "editor")
-BROWSER = Activity("Browser", "docs", 20, "browser")
-
-
-def test_tracker_idle_never_starts_before_the_open_session() -> None:
-    tracker = _tracker(gap=100)
-    tracker.observe(Observation(1000, EDITOR, 0))
-    tracker.observe(Observation(1005, BROWSER, 5))  # focus moved without input
-    commands = tracker.observe(Observation(1070, BROWSER, 70))  # input stopped at 1000
-    closed, opened = commands[0], commands[1]
-    assert isinstance(closed, Closed) and closed.session.application == "Browser"
-    assert closed.end == 1005
-    assert isinstance(opened, Opened) and opened.session.is_idle and opened.session.start == 1005
-
-
-def test_tracker_clock_going_back_is_a_gap_and_stop_after_gap_uses_last_poll() -> None:
-    tracker = _tracker()
-    tracker.observe(Observation(1000, EDITOR, 0))
-    tracker.observe(Observation(1001, EDITOR, 0))
-    commands = tracker.observe(Observation(900, EDITOR, 0))
-    assert [type(c) for c in commands] == [Closed, Opened]
-    assert isinstance(commands[0], Closed) and commands[0].end == 1001
-    session = tracker.open_session
-    assert session is not None and session.start == 900
-    assert tracker.finish(2000) == [Closed(session, 900, "stopped")]
-
-
-def test_tracker_checkpoints_and_excluded_focus() -> None:
-    tracker = _tracker(gap=100)
-    tracker.observe(Observation(1000, EDITOR, 0))
-    assert tracker.observe(Observation(1029, EDITOR, 0)) == []
-    (checkpoint,) = tracker.observe(Observation(1030, EDITOR, 0))
-    assert isinstance(checkpoint, Extended) and checkpoint.end == 1030
-    (closed,) = tracker.observe(Observation(1031, None, 0))
-    assert isinstance(closed, Closed) and closed.reason == "unrecorded"
-    assert tracker.open_session is None
-
-
-def test_privacy_matches_class_instance_and_process_case_insensitively() -> None:
-    privacy = Privacy(["keepassxc", "Firefox"], [r"\bbank\b"])
-    window = WindowInfo(1, "KeePassXC", "keepassxc", "db.kdbx", 5, "keepassxc")
-    assert privacy.activity(window) is None
-    by_instance = WindowInfo(1, "Navigator", "firefox", "x", 6, "firefox-bin")
-    assert privacy.activity(by_instance) is None
-    by_process = WindowInfo(1, None, None, "x", 7, "FIREFOX")
-    assert privacy.activity(by_process) is None
-    kept = privacy.activity(WindowInfo(1, None, None, "my bank account", 8, "chromium"))
-    assert kept == Activity("chromium", REDACTED_TITLE, 8, "chromium")

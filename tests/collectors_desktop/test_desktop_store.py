@@ -1,0 +1,216 @@
+"""The desktop collector when the local store says no: a full database, a failed write, and
+rows left open by a process killed with SIGKILL. Real Xvfb, openbox, xterms and SQLite files.
+
+A store problem must cost rows, never the X connection: no reconnect, no lost polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from support.x11 import poll_until
+
+from host_agent.store.connection import connect
+from host_agent.store.retention import SizeLimit, used_bytes
+from host_agent.store.schema import DESKTOP_ACTIVITY
+from host_agent.store.writer import RowWriter
+
+from .conftest import Desktop, read_rows
+from .helpers import (
+    WAIT,
+    RecordingLog,
+    apps,
+    assert_well_formed,
+    make_collector,
+    running,
+    wait_for,
+    wait_rows,
+)
+
+
+def _execute(db_path: Path, sql: str) -> None:
+    """One statement on a connection of its own, as another process would run it."""
+    with closing(connect(db_path)) as conn:
+        conn.execute(sql)
+
+
+def _assert_never_reconnected(log: RecordingLog) -> None:
+    assert len(log.named("desktop.x11_connected")) == 1
+    for event in ("desktop.x11_connection_lost", "desktop.poll_failed", "desktop.x11_reconnected"):
+        assert not log.named(event), event
+
+
+async def test_full_local_store_drops_sessions_but_keeps_polling(
+    desktop: Desktop, db_path: Path
+) -> None:
+    # Unsynced rows fill the file up to the cap: under stop_collecting nothing more goes in.
+    with closing(RowWriter(db_path, DESKTOP_ACTIVITY)) as setup:
+        filler = {
+            "start_time": 1000,
+            "start_time_iso": "1970-01-01T00:16:40+00:00",
+            "end_time": 1000,
+            "end_time_iso": "1970-01-01T00:16:40+00:00",
+            "duration_seconds": 0,
+            "application_name": "Filler",
+            "window_title": "x" * 2000,
+            "is_idle": 0,
+            "created_at": 1000,
+        }
+        setup.insert_many([filler] * 40)
+    with closing(connect(db_path)) as conn:
+        full = used_bytes(conn)
+    limited = RowWriter(db_path, DESKTOP_ACTIVITY, limit=SizeLimit(full, "stop_collecting"))
+    alpha = desktop.xterm("alpha window", "Alpha")
+    beta = desktop.xterm("beta window", "Beta")
+    desktop.activate(alpha.window_id)
+    log = RecordingLog()
+    collector = make_collector(desktop, limited, log)
+    try:
+        async with running(collector) as task:
+            await wait_for(lambda: limited.dropped_rows == 1, "the Alpha session refused")
+            desktop.activate(beta.window_id)
+            await wait_for(lambda: limited.dropped_rows == 2, "the Beta session refused")
+            assert collector.state == "running" and not task.done()
+            assert collector.sessions_recorded == 0 and collector.errors == 0
+            assert apps(read_rows(db_path)) == ["Filler"] * 40
+
+            # The sync engine shipped the filler: room is made by deleting it, and the next
+            # session is stored, on the same X connection.
+            await asyncio.to_thread(
+                _execute, db_path, "UPDATE desktop_activity_sessions SET synced_at = 1"
+            )
+            desktop.activate(alpha.window_id)
+            await wait_rows(db_path, lambda r: apps(r) == ["Alpha"], "Alpha stored again")
+            assert collector.state == "running"
+    finally:
+        limited.close()
+
+    rows = read_rows(db_path)
+    assert apps(rows) == ["Alpha"] and rows[0]["pid"] == alpha.pid
+    assert_well_formed(rows)
+    assert collector.sessions_recorded == 1 and collector.x_errors == 0
+    _assert_never_reconnected(log)
+
+
+async def test_failed_write_is_logged_and_never_lands_on_another_row(
+    desktop: Desktop, writer: RowWriter, db_path: Path
+) -> None:
+    alpha = desktop.xterm("alpha window", "Alpha")
+    beta = desktop.xterm("beta window", "Beta")
+    desktop.activate(alpha.window_id)
+    log = RecordingLog()
+    collector = make_collector(desktop, writer, log)
+
+    async with running(collector):
+        (first,) = await wait_rows(db_path, lambda r: apps(r) == ["Alpha"], "the Alpha session")
+        # A real SQLite failure for every update of Alpha's row (a disk error would do the same).
+        await asyncio.to_thread(
+            _execute,
+            db_path,
+            "CREATE TRIGGER refuse BEFORE UPDATE ON desktop_activity_sessions "
+            f"WHEN OLD.id = {first['id']} BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        desktop.activate(beta.window_id)
+        await wait_rows(db_path, lambda r: apps(r) == ["Alpha", "Beta"], "Beta stored anyway")
+        await wait_for(lambda: collector.store_errors == 1, "the failed close counted")
+        assert collector.state == "running" and collector.errors == 1
+        await asyncio.to_thread(_execute, db_path, "DROP TRIGGER refuse")
+    # Stopping closes Beta: its end must reach Beta's row, not the row whose close failed.
+
+    alpha_row, beta_row = read_rows(db_path)
+    assert alpha_row["end_time"] is None  # its close was lost, not misplaced
+    assert beta_row["end_time"] is not None and beta_row["pid"] == beta.pid
+    assert_well_formed([beta_row])
+    (failure,) = log.named("desktop.store_write_failed")
+    assert failure[0] == "error" and "refused by the test" in failure[2]["error"]
+    _assert_never_reconnected(log)
+
+
+# A collector in a process of its own, so that it can be killed like a real agent.
+_CHILD = """
+import asyncio, sys
+from host_agent.collectors.desktop import DesktopActivityCollector
+from host_agent.config import DesktopCollectorConfig
+from host_agent.store.schema import DESKTOP_ACTIVITY
+from host_agent.store.writer import RowWriter
+
+db, display, checkpoint = sys.argv[1], sys.argv[2], float(sys.argv[3])
+config = DesktopCollectorConfig(poll_interval_seconds=0.1, checkpoint_interval_seconds=checkpoint)
+collector = DesktopActivityCollector(config, RowWriter(db, DESKTOP_ACTIVITY), display=display)
+asyncio.run(collector.run(asyncio.Event()))
+"""
+
+
+def _run_and_kill(
+    desktop: Desktop,
+    db_path: Path,
+    checkpoint: float,
+    ready: str,
+    until: Callable[[list[dict[str, Any]]], bool],
+) -> None:
+    """Run a collector process until `until(rows)` holds, then SIGKILL it."""
+    with open(desktop.workdir / "child.log", "ab") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(db_path), desktop.display, str(checkpoint)],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
+
+    def reached() -> bool:
+        assert child.poll() is None, "the collector process exited; see child.log"
+        return until(read_rows(db_path))
+
+    try:
+        poll_until(reached, WAIT, ready)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+async def test_rows_left_open_by_a_killed_process_are_closed_at_start(
+    desktop: Desktop, writer: RowWriter, db_path: Path
+) -> None:
+    alpha = desktop.xterm("alpha window", "Alpha")
+    desktop.activate(alpha.window_id)
+    # Killed after a checkpoint: the row ends at the checkpoint already.
+    await asyncio.to_thread(
+        _run_and_kill,
+        desktop,
+        db_path,
+        1.0,
+        "a checkpoint",
+        lambda r: len(r) == 1 and r[0]["end_time"] is not None,
+    )
+    # Killed before its first checkpoint: end_time stays NULL, forever unless fixed.
+    await asyncio.to_thread(
+        _run_and_kill, desktop, db_path, 600.0, "a second session", lambda r: len(r) == 2
+    )
+    checkpointed, never = read_rows(db_path)
+    assert checkpointed["end_time"] > checkpointed["start_time"]
+    assert never["end_time"] is None
+    # Both already shipped, as if the sync engine had run meanwhile.
+    await asyncio.to_thread(_execute, db_path, "UPDATE desktop_activity_sessions SET synced_at = 1")
+
+    log = RecordingLog()
+    collector = make_collector(desktop, writer, log)
+    async with running(collector):
+        await wait_rows(db_path, lambda r: apps(r) == ["Alpha"] * 3, "a session of this run")
+
+    first, second, third = read_rows(db_path)
+    assert first == {**checkpointed, "synced_at": 1}  # untouched: it ends at its checkpoint
+    assert second["end_time"] == second["start_time"]  # ended where it is known to have begun
+    assert second["end_time_iso"] == second["start_time_iso"]
+    assert second["duration_seconds"] == 0
+    assert second["synced_at"] is None  # changed, so shipped again
+    assert third["start_time"] >= second["start_time"]
+    assert_well_formed([first, second, third])
+    (closed,) = log.named("desktop.leftover_sessions_closed")
+    assert closed[2]["rows"] == 1
