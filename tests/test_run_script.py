@@ -51,14 +51,24 @@ def test_run_sh_starts_an_embedded_postgres_and_ships_collected_rows(
     env = agent_env(data_sync_wake_delay_seconds=0.2)
     env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
     run = [str(ROOT / "scripts" / "run.sh"), "--config", str(config)]
-    with (tmp_path / "run.out").open("wb") as out:
-        proc = subprocess.Popen(
-            [*run, "--local-postgres", str(embedded_dir)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+
+    def start() -> subprocess.Popen[bytes]:
+        with (tmp_path / "run.out").open("ab") as out:
+            return subprocess.Popen(
+                [*run, "--local-postgres", str(embedded_dir)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def ready() -> bool:
+        """True at the next READY=1 (earlier agents' STOPPING=1 skipped)."""
+        while (message := notify.recv(64)) != b"READY=1":
+            assert message == b"STOPPING=1", message
+        return True
+
+    proc = start()
     try:
         assert notify.recv(64) == b"READY=1", (tmp_path / "run.out").read_text()
 
@@ -84,6 +94,19 @@ def test_run_sh_starts_an_embedded_postgres_and_ships_collected_rows(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, (tmp_path / "run.out").read_text()
         assert not LocalPostgres(embedded_dir).is_running(), "run.sh stops what it started"
+
+        # An agent killed outright leaves its PostgreSQL running; the next run adopts it,
+        # and stops it when it exits.
+        proc = start()
+        assert ready(), (tmp_path / "run.out").read_text()
+        proc.kill()
+        proc.wait(timeout=30)
+        assert LocalPostgres(embedded_dir).is_running()
+        proc = start()
+        assert ready(), (tmp_path / "run.out").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "run.out").read_text()
+        assert not LocalPostgres(embedded_dir).is_running(), "the orphan was adopted"
         assert LocalPostgres(embedded_dir).password not in (tmp_path / "run.out").read_text()
     finally:
         notify.close()
