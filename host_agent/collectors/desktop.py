@@ -115,9 +115,11 @@ class DesktopActivityCollector:
             gap_threshold=gap_threshold(config.poll_interval_seconds),
         )
         # Row ids of the open session and of the closed ones the tracker may still revise,
-        # matched by identity: a session whose insert failed or was refused has none, so
-        # its later end can never land on another session's row.
-        self._rows: list[tuple[Session, int]] = []
+        # matched by identity (equal sessions may exist): id(session) -> (session, row id),
+        # which keeps each key's session alive. A session whose insert failed or was refused
+        # has none, so its later end can never land on another session's row.
+        self._rows: dict[int, tuple[Session, int]] = {}
+        self._ends: dict[int, float] = {}  # row id -> the end last written to it
         self._window_lost = False  # the previous poll gave up on a vanished window
         self._lock = threading.Lock()  # guards _connection and _request_started across threads
         self._connection: X11Connection | None = None
@@ -402,23 +404,35 @@ class DesktopActivityCollector:
         Raising here would end the poll and tear down a healthy X connection for a store
         problem. Each command is written on its own, so one failure loses only its own row.
         """
+        stuck_end: float | None = None  # a failed close left its row ending here
         for command in commands:
+            if isinstance(command, Opened) and stuck_end is not None:
+                if command.session.start < stuck_end:
+                    # Recorded from before where the unclosed row ends (idle found late),
+                    # it would overlap that row. Leave a hole; the next session is recorded.
+                    stuck_end = None
+                    continue
+            stuck_end = None
             try:
                 self._write(command)
             except Exception as exc:
                 self.store_errors += 1
+                if isinstance(command, Closed):
+                    row = self._row_of(command.session)
+                    stuck_end = self._ends.get(row) if row is not None else None
                 self._log.error(
                     "desktop.store_write_failed",
                     command=type(command).__name__,
                     error=_describe(exc),
                     exc_info=True,
                 )
-        # By identity (equal sessions may exist); all of them are alive, so id() is safe here.
         keep = {id(self._tracker.open_session), *map(id, self._tracker.revisable)}
-        self._rows = [(known, row) for known, row in self._rows if id(known) in keep]
+        for key in [key for key in self._rows if key not in keep]:
+            self._ends.pop(self._rows.pop(key)[1], None)
 
     def _row_of(self, session: Session) -> int | None:
-        return next((row for known, row in self._rows if known is session), None)
+        known = self._rows.get(id(session))
+        return known[1] if known is not None and known[0] is session else None
 
     def _write(self, command: Command) -> None:
         if isinstance(command, Opened):
@@ -430,7 +444,7 @@ class DesktopActivityCollector:
                     "desktop.session_not_stored", application=command.session.application
                 )
                 return
-            self._rows.append((command.session, ids[0]))
+            self._rows[id(command.session)] = (command.session, ids[0])
             self.sessions_recorded += 1
             self._log.debug(
                 "desktop.session_started",
@@ -445,15 +459,20 @@ class DesktopActivityCollector:
                     changes.append((row, self._revised_row(revision.new, revision.end)))
                     moved.append((revision.old, revision.new, row))
             self.writer.update_many(changes)  # one transaction: no half-revised idle period
+            for revision in command.revisions:
+                row = self._row_of(revision.old)
+                if row is not None:
+                    self._ends[row] = revision.end
             for old, new, row in moved:
-                self._rows = [entry for entry in self._rows if entry[0] is not old]
-                self._rows.append((new, row))
+                self._rows.pop(id(old), None)
+                self._rows[id(new)] = (new, row)
             self._log.debug("desktop.sessions_revised", rows=len(changes), reason="idle")
         elif isinstance(command, (Extended, Closed)):
             row = self._row_of(command.session)
             if row is None:
                 return
             self.writer.update(row, self._end_values(command.session, command.end))
+            self._ends[row] = command.end
             if isinstance(command, Closed):
                 self._log.debug(
                     "desktop.session_closed",
