@@ -7,6 +7,7 @@ A store problem must cost rows, never the X connection: no reconnect, no lost po
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import sys
@@ -214,3 +215,38 @@ async def test_rows_left_open_by_a_killed_process_are_closed_at_start(
     assert_well_formed([first, second, third])
     (closed,) = log.named("desktop.leftover_sessions_closed")
     assert closed[2]["rows"] == 1
+
+
+def test_a_failed_close_never_leaves_a_backdated_row_overlapping_it(tmp_path: Path) -> None:
+    """Idle is found late, so the idle row starts in the past, before the open session's last
+    checkpoint. If ending that session fails, recording the idle row anyway would overlap it:
+    the collector leaves a hole instead. (Polls fed straight to the session logic: no X here.)"""
+    from host_agent.collectors.desktop import DesktopActivityCollector
+    from host_agent.collectors.sessions import Activity, Observation
+    from host_agent.config import DesktopCollectorConfig
+
+    db_path = tmp_path / "desktop_activity.db"
+    config = DesktopCollectorConfig(idle_timeout_seconds=60, checkpoint_interval_seconds=30)
+    with closing(RowWriter(db_path, DESKTOP_ACTIVITY)) as writer:
+        collector = DesktopActivityCollector(config, writer, RecordingLog())
+        editor = Activity("Editor", "main.py", 4242, "editor")
+
+        def poll(t: float, idle: float) -> None:
+            collector._apply(collector._tracker.observe(Observation(t, editor, idle)))
+
+        for t in range(1000, 1060):  # input at 1000, then none; a checkpoint at 1030
+            poll(float(t), 0.0 if t == 1000 else t - 1000.0)
+        _execute(
+            db_path,
+            "CREATE TRIGGER refuse BEFORE UPDATE ON desktop_activity_sessions "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        poll(1060.0, 60.0)  # idle detected: end Editor at 1000 (refused), idle from 1000
+        _execute(db_path, "DROP TRIGGER refuse")
+        poll(1061.0, 0.0)  # input again
+
+        rows = read_rows(db_path)
+        assert collector.store_errors == 1
+        assert rows[0]["application_name"] == "Editor" and rows[0]["end_time"] == 1030
+        for earlier, later in itertools.pairwise(rows):
+            assert later["start_time"] >= earlier["end_time"], rows  # no overlap
