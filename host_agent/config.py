@@ -17,12 +17,12 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from host_agent.errors import ConfigError
+from host_agent.urls import check_postgres_url
 
 DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 ENV_PREFIX = "HOST_AGENT_"
@@ -182,39 +182,6 @@ def default_host_identifier() -> str:
     except (KeyError, OSError):
         user = str(os.getuid())
     return f"{socket.gethostname()}_{user}"
-
-
-def check_postgres_url(url: str) -> None:
-    """Raise ValueError (without quoting the URL) when `url` is not a usable PostgreSQL URL."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError(
-            "not a valid URL (expected postgresql://user:password@host:port/db)"
-        ) from None
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("must start with postgresql:// or postgres://")
-    if not parts.hostname:
-        raise ValueError("has no host name")
-    if port is not None and not 0 < port < 65536:
-        raise ValueError("port out of range")
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by `***`; safe to print."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "<unparsable URL>"
 
 
 def _expand(value: Any, key: str, env: Mapping[str, str]) -> Any:

@@ -18,11 +18,12 @@ import structlog
 from pydantic import SecretStr
 
 from host_agent.commands import init_db
-from host_agent.config import AgentConfig, redact_url
+from host_agent.config import AgentConfig
 from host_agent.errors import AgentAlreadyRunning, HostAgentError
 from host_agent.localpg import LocalPostgres, LocalPostgresError
 from host_agent.lock import AgentLock
 from host_agent.logging import register_secret
+from host_agent.urls import redact_url
 
 DATABASE = "host_agent"
 log = structlog.get_logger("host_agent.embedded")

@@ -12,9 +12,11 @@ import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 import structlog
+
+from host_agent.urls import url_secrets
 
 _secrets: set[str] = set()
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
@@ -29,17 +31,10 @@ def register_secret(secret: str | None) -> None:
 
 
 def register_url(url: str | None) -> None:
-    """Remember the password inside a database URL, so it is redacted wherever it shows up,
-    in a URL (even one whose password holds an unescaped `@`) or on its own."""
-    if not url:
-        return
-    try:
-        password = urlsplit(url).password  # as written in the URL, maybe %-escaped
-    except ValueError:
-        return
-    if password:
-        register_secret(password)
-        register_secret(unquote(password))  # and so its fully escaped form too
+    """Remember the secrets inside a database URL (its password, escaped and not, and any
+    `password` query parameter), so they are redacted wherever they show up."""
+    for secret in url_secrets(url or ""):
+        register_secret(secret)
 
 
 def redact(text: str) -> str:

@@ -159,32 +159,13 @@ PROG = "show-sync-stats"
 KEY = "database.postgres_url"
 source, config_path, repo = sys.argv[1:4]
 sys.path.insert(0, repo)
+from host_agent.urls import check_postgres_url, redact_url  # standard library only
 
 
 def fail(message, code=2):
     print(f"{PROG}: {message}", file=sys.stderr)
     sys.exit(code)
 
-
-def basic_check(url):
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError(
-            "not a valid URL (expected postgresql://user:password@host:port/db)"
-        ) from None
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("must start with postgresql:// or postgres://")
-    if not parts.hostname:
-        raise ValueError("has no host name")
-    if port is not None and not 0 < port < 65536:
-        raise ValueError("port out of range")
-
-
-# The same checks as host_agent.config.check_postgres_url, which is used when the config file
-# is read anyway; importing it (pydantic) for a given URL would triple the start-up time.
-check_postgres_url = basic_check
 
 if source == "url":
     url, label = os.environ.get("SHOW_SYNC_STATS_URL", ""), "--url"
@@ -193,7 +174,7 @@ elif source == "env":
 else:
     label = KEY
     try:
-        from host_agent.config import check_postgres_url, load_config
+        from host_agent.config import load_config
         from host_agent.errors import ConfigError
     except Exception as exc:
         fail(
@@ -272,17 +253,13 @@ dbname = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
 if dbname:
     env["PGDATABASE"] = dbname
 
-query = []
 for name, value in parse_qsl(parts.query, keep_blank_values=True):
     target = PARAMS.get(name)
     if target is None:
         print(f"{PROG}: ignoring URL parameter {name!r} (psql has no equivalent)", file=sys.stderr)
     else:
         env[target] = value
-    query.append(f"{name}=***" if "password" in name else f"{name}={value}")
-
-netloc = f"{user}:***@{hostport}" if colon else parts.netloc
-shown = f"{parts.scheme}://{netloc}{parts.path}" + ("?" + "&".join(query) if query else "")
+shown = redact_url(url)
 
 for name, value in env.items():
     print(f"export {name}={shlex.quote(value)}")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from host_agent.cli import main
-from host_agent.config import all_keys, env_name, load_config, parse_config, redact_url
+from host_agent.config import all_keys, env_name, load_config, parse_config
 from host_agent.errors import ConfigError
+from host_agent.urls import redact_url
 
 SECRET = "Zq9-very-secret-pw"
 

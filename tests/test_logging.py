@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from host_agent.logging import redact, register_url
+from host_agent.urls import redact_url
 
 
 def test_url_password_is_redacted_in_urls_and_on_its_own() -> None:
@@ -17,3 +18,10 @@ def test_url_password_is_redacted_in_urls_and_on_its_own() -> None:
 
 def test_unregistered_url_passwords_are_still_masked() -> None:
     assert redact("postgresql://u:other-secret@h/d") == "postgresql://u:***@h/d"
+
+
+def test_query_parameter_passwords_are_secrets_too() -> None:
+    url = "postgresql://agent@db.example/events?sslmode=require&password=Qp-9-query-secret"
+    assert redact_url(url) == "postgresql://agent@db.example/events?sslmode=require&password=***"
+    register_url(url)
+    assert "Qp-9-query-secret" not in redact("the server said: bad password Qp-9-query-secret")
