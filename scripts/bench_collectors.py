@@ -258,7 +258,8 @@ def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
     import yaml
 
     from host_agent.localpg import LocalPostgres
-    from tests.support.x11 import Desktop
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from support.x11 import Desktop  # the test suite's X helper: Xvfb, openbox, xterms
 
     root_dir = Path(__file__).resolve().parent.parent
     work_dir = Path(tempfile.mkdtemp(prefix="bench-idle-", dir="/tmp"))

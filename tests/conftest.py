@@ -3,6 +3,7 @@ this directory on sys.path because tests/ is not a package)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -10,6 +11,20 @@ from support.pg import cluster_template, temporary_cluster, unique_db_name
 from support.tcp_proxy import TcpProxy
 
 from host_agent.localpg import LocalPostgres
+
+# --- CI: nothing skips -------------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI=true a skipped test is a failed one, whoever skipped it: a skip there hides a
+    missing component or a broken install step (support.ci.unavailable says what is missing)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which must run every test: {report.longrepr}"
+
 
 # --- PostgreSQL --------------------------------------------------------------------------
 # Without server binaries these skip, except under CI=true where they fail.

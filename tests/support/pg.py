@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -11,9 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from host_agent.localpg import LocalPostgres, LocalPostgresError, find_bin_dir
+from support.ci import unavailable
 
 
 def require_pg_binaries() -> Path:
@@ -21,9 +19,7 @@ def require_pg_binaries() -> Path:
     try:
         return find_bin_dir()
     except LocalPostgresError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the PostgreSQL tests: {exc}", pytrace=False)
-        pytest.skip(str(exc))
+        unavailable(f"PostgreSQL tests: {exc}")
 
 
 @contextmanager

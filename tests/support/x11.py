@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from support.ci import unavailable
 
 TOOLS = ("Xvfb", "openbox", "xdotool", "xterm", "xprop", "xdpyinfo")
 START_TIMEOUT = 15.0
@@ -32,9 +32,7 @@ def require_tools() -> None:
         f"desktop tests need {', '.join(missing)} (apt-get install xvfb openbox xdotool xterm "
         "x11-utils)"
     )
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    unavailable(message)
 
 
 def poll_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
