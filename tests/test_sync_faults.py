@@ -603,6 +603,20 @@ def test_wrong_password_exits_4_without_showing_it(
     for secret in (password, pg_server.password):
         assert secret not in result.stdout + result.stderr
 
+    # The failed run was journalled; with the right password it reaches sync_logs, and
+    # neither password is in it, nor anywhere in the local files.
+    config = write_config(tmp_path / "agent.yaml", url=schema_url, data_dir=tmp_path / "data")
+    again = run_agent(config, "sync", "--once", env=agent_env(), cwd=tmp_path)
+    assert again.returncode == 0, again
+    logs = pg_fetch_sync(schema_url, "SELECT * FROM sync_logs ORDER BY sync_started_at")
+    failed = [row for row in logs if row["status"] == "failed"]
+    assert failed and all("password authentication failed" in r["error_message"] for r in failed)
+    stored = json.dumps([dict(row) for row in logs], default=str)
+    local = b"".join(path.read_bytes() for path in (tmp_path / "data").iterdir())
+    for secret in (password, pg_server.password):
+        assert secret not in stored and secret not in again.stdout + again.stderr
+        assert secret.encode() not in local
+
 
 def test_role_without_privileges_exits_4_without_showing_its_password(
     distinct_role: tuple[str, str], schema_url: str, tmp_path: Path

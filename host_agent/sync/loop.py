@@ -64,7 +64,6 @@ class SyncLoop:
         self.listeners: list[Callable[[SyncReport, float], None]] = []
         self._wake = asyncio.Event()
         self._trigger = asyncio.Event()
-        self._run_done = asyncio.Condition()
 
     def wake(self) -> None:
         """New rows were written (loop thread only; see `wake_threadsafe`)."""
@@ -74,14 +73,6 @@ class SyncLoop:
     def trigger(self) -> None:
         """Run now, backoff or not."""
         self._trigger.set()
-
-    async def wait_for_run(self, after: int, deadline_seconds: float) -> SyncReport | None:
-        """Wait until run number `after + 1` has finished; return its report."""
-        async with self._run_done:
-            await asyncio.wait_for(
-                self._run_done.wait_for(lambda: self.runs > after), deadline_seconds
-            )
-        return self.last_report
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -139,9 +130,7 @@ class SyncLoop:
         self.last_report = report
         for listener in self.listeners:
             listener(report, duration)
-        async with self._run_done:
-            self.runs += 1
-            self._run_done.notify_all()
+        self.runs += 1
 
     async def _save_state(self) -> None:
         """The schedule, for `host-agent status` (the engine saves each run's outcome)."""

@@ -28,7 +28,7 @@ import asyncpg
 from host_agent.errors import HostAgentError, SinkError
 from host_agent.sync.pg_errors import is_row_error, row_error_message, translate
 from host_agent.sync.pg_schema import apply_schema, check_schema, table_columns
-from host_agent.sync.table_plan import LocalRow, TablePlan, build_plan
+from host_agent.sync.table_plan import TablePlan, build_plan
 
 IDENTITY = ("host_identifier", "source_id")
 
@@ -147,21 +147,17 @@ class PostgresSink:
             pg_columns = await table_columns(self._connection(), table)
         return build_plan(table, self.host, pg_columns, local_columns)
 
-    async def write(self, plan: TablePlan, rows: Sequence[LocalRow]) -> WriteOutcome:
-        """Write `rows` in one transaction; return how many went in and which were refused.
-
-        Raises a `SinkError` (and commits nothing) when the connection or schema fails.
-        """
-        records, refused = plan.prepare(rows)
-        return await self.write_records(plan, records, [Rejection(*r) for r in refused])
-
     async def write_records(
         self,
         plan: TablePlan,
         records: list[tuple[Any, ...]],
         refused_before: Sequence[Rejection] = (),
     ) -> WriteOutcome:
-        """Like `write`, for records already made by `plan.prepare`."""
+        """Write `records` (made by `plan.prepare`) in one transaction; return how many went
+        in and which rows were refused, `refused_before` (refused by `prepare`) included.
+
+        Raises a `SinkError` (and commits nothing) when the connection or schema fails.
+        """
         outcome = WriteOutcome(rejected=list(refused_before))
         if not records:
             return outcome
