@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -85,15 +86,18 @@ class RowWriter:
                         for row in rows[allowed:]
                     ]
                     rows = rows[:allowed]
-            for row in rows:
-                columns = ", ".join(row)
-                marks = ", ".join("?" for _ in row)
-                cur = conn.execute(
-                    f"INSERT INTO {self.table.name} ({columns}) VALUES ({marks})",
-                    tuple(row.values()),
+            # One statement per run of rows with the same columns (usually the whole batch).
+            # Ids are consecutive within a run: AUTOINCREMENT, no insert triggers, and this
+            # connection is the only writer inside BEGIN IMMEDIATE.
+            for columns, group in itertools.groupby(rows, key=tuple):
+                values = [tuple(row.values()) for row in group]
+                marks = ", ".join("?" * len(columns))
+                conn.executemany(
+                    f"INSERT INTO {self.table.name} ({', '.join(columns)}) VALUES ({marks})",
+                    values,
                 )
-                assert cur.lastrowid is not None
-                ids.append(cur.lastrowid)
+                last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+                ids.extend(range(last - len(values) + 1, last + 1))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -118,11 +122,11 @@ class RowWriter:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for row_id, values in changes:
-                assignments = ", ".join(f"{column} = ?" for column in values)
-                conn.execute(
+            for columns, group in itertools.groupby(changes, key=lambda c: tuple(c[1])):
+                assignments = ", ".join(f"{column} = ?" for column in columns)
+                conn.executemany(
                     f"UPDATE {self.table.name} SET {assignments} WHERE id = ?",
-                    (*values.values(), row_id),
+                    [(*values.values(), row_id) for row_id, values in group],
                 )
             conn.execute("COMMIT")
         except BaseException:
