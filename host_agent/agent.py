@@ -32,7 +32,6 @@ from host_agent.observability import (
     collector_errors,
     collector_name,
     collector_state,
-    iso,
 )
 from host_agent.store.connection import connect
 from host_agent.store.retention import SizeLimit, prune_synced
@@ -40,6 +39,7 @@ from host_agent.store.schema import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, Loca
 from host_agent.store.writer import RowWriter
 from host_agent.sync.engine import SyncEngine
 from host_agent.sync.loop import BackoffPolicy, SyncLoop
+from host_agent.timefmt import iso
 from host_agent.wiring import make_sink, open_sources, state_path, table_path
 
 log = structlog.get_logger("host_agent.agent")
@@ -57,7 +57,6 @@ class Agent:
         self.sync_loop: SyncLoop | None = None
         self.collectors: list[Any] = []
         self.metrics = AgentMetrics()
-        self.health_server: HealthServer | None = None
         self.started = asyncio.Event()
         self.started_at = time.time()
         self._last_prune = 0.0
@@ -226,7 +225,6 @@ class Agent:
                 server = HealthServer(self.metrics, self.health, metrics.address, metrics.port)
                 await server.start()
                 stack.push_async_callback(server.close)
-                self.health_server = server
             async with asyncio.TaskGroup() as group:
                 for make in tasks:
                     group.create_task(make())

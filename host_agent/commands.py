@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from host_agent.config import AgentConfig
-from host_agent.store.connection import connect
-from host_agent.store.migrations import migrate
+from host_agent.store.migrations import prepare_file
 from host_agent.store.schema import TABLES
 from host_agent.sync.engine import SyncEngine, SyncReport
 from host_agent.wiring import make_sink, open_sink, open_sources, table_path
@@ -16,16 +15,10 @@ ONCE_MAX_QUICK_RETRIES = 3
 ONCE_MAX_WAIT = 2.0
 
 
-def init_local(config: AgentConfig) -> dict[str, list[str]]:
-    """Create and migrate the local SQLite files; return the migrations applied per table."""
-    applied: dict[str, list[str]] = {}
+def init_local(config: AgentConfig) -> None:
+    """Create and migrate the local SQLite files."""
     for table in TABLES:
-        conn = connect(table_path(config, table))
-        try:
-            applied[table.name] = migrate(conn, table)
-        finally:
-            conn.close()
-    return applied
+        prepare_file(table_path(config, table), table)
 
 
 async def init_db(config: AgentConfig) -> list[str]:

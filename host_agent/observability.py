@@ -11,7 +11,6 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -106,19 +105,11 @@ def collector_name(collector: Any) -> str:
 
 
 def collector_errors(collector: Any) -> int:
-    for attribute in ("errors", "x_errors"):
-        value = getattr(collector, attribute, None)
-        if isinstance(value, int):
-            return value
-    return 0
+    return int(getattr(collector, "errors", 0))
 
 
 def collector_state(collector: Any) -> str:
     return str(getattr(collector, "state", "running"))
-
-
-def iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 class HealthServer:

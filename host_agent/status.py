@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from host_agent.config import AgentConfig
@@ -13,14 +12,11 @@ from host_agent.control import running_pid
 from host_agent.store.connection import connect
 from host_agent.store.migrations import migrate
 from host_agent.store.schema import NOT_QUARANTINED, TABLES, LocalTable
+from host_agent.timefmt import iso
 from host_agent.urls import redact_url
 from host_agent.wiring import state_path, table_path
 
 QUARANTINE_LISTED = 20
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 def _table_status(conn: sqlite3.Connection, table: LocalTable, now: float) -> dict[str, Any]:
@@ -38,7 +34,7 @@ def _table_status(conn: sqlite3.Connection, table: LocalTable, now: float) -> di
         f"WHERE t.synced_at IS NULL AND {NOT_QUARANTINED}"
     ).fetchone()[0]
     rejected = [
-        {"row_id": r[0], "error": r[1], "rejected_at": _iso(r[2])}
+        {"row_id": r[0], "error": r[1], "rejected_at": iso(r[2])}
         for r in conn.execute(
             f"SELECT q.row_id, q.error, q.rejected_at {quarantine_join} ORDER BY q.row_id LIMIT ?",
             (QUARANTINE_LISTED,),
@@ -56,15 +52,15 @@ def _table_status(conn: sqlite3.Connection, table: LocalTable, now: float) -> di
         "oldest_unsynced_age_seconds": None if oldest is None else max(0, round(now - oldest)),
         "quarantined": quarantined,
         "quarantined_rows": rejected,
-        "last_attempt_at": _iso(state[0]),
-        "last_success_at": _iso(state[1]),
+        "last_attempt_at": iso(state[0]),
+        "last_success_at": iso(state[1]),
         "last_status": state[2],
         "last_error": state[3],
         "pending_sync_logs": pending_logs,
         "backoff": {
             "consecutive_failures": state[4],
             "backoff_seconds": state[5],
-            "next_attempt_at": _iso(state[6]),
+            "next_attempt_at": iso(state[6]),
         },
     }
 

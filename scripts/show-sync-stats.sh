@@ -186,10 +186,8 @@ else:
         default = os.path.join(repo, "config", "config.yaml")
         if os.path.exists(default):
             path = default
-    # HOST_AGENT_PG_BIN belongs to host_agent.localpg, not to the configuration.
-    env = {k: v for k, v in os.environ.items() if k != "HOST_AGENT_PG_BIN"}
     try:
-        url = load_config(path, env).postgres_url
+        url = load_config(path).postgres_url
     except ConfigError as exc:
         fail(str(exc).splitlines()[0] if str(exc) else "configuration error")
     if not url:

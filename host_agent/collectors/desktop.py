@@ -1,7 +1,7 @@
 """Desktop activity: which application and window title has focus, and when the user is idle.
 
-A dedicated worker thread owns the X connection and the writer (RowWriter's connection belongs
-to the thread that first uses it, so that thread also closes it when run() ends) and polls
+A dedicated worker thread owns the X connection, writes through the RowWriter (whoever made
+the writer closes it: the agent, after run() returns) and polls
 every `poll_interval_seconds`; the session rules live in `sessions.SessionTracker`, the X
 queries in `x11_window`. The event loop only waits for `stop` and watches for an X request that
 hangs (a frozen server answers nothing, and python-xlib waits forever), which it breaks by
@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing, suppress
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -53,6 +52,7 @@ from host_agent.collectors.x11_window import WINDOW_GONE_ERRORS, X11Connection, 
 from host_agent.config import DesktopCollectorConfig
 from host_agent.store.connection import connect
 from host_agent.store.writer import RowWriter
+from host_agent.timefmt import iso
 
 STATE_STARTING = "starting"
 STATE_RUNNING = "running"
@@ -69,10 +69,6 @@ _X_ERRORS: tuple[type[BaseException], ...] = (
     X11Unavailable,
     OSError,
 )
-
-
-def _iso(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat()
 
 
 class DesktopActivityCollector:
@@ -247,11 +243,6 @@ class DesktopActivityCollector:
         except BaseException as exc:  # a bug: say so loudly, but keep the agent alive
             self._log.error("desktop.collector_crashed", error=exc, exc_info=True)
         finally:
-            # The writer's SQLite connection is bound to this thread: sqlite3 refuses close()
-            # from any other, the agent's included. Closing twice is harmless, so the agent's
-            # own close() afterwards is a no-op (the filesystem collector does the same).
-            with suppress(Exception):
-                self.writer.close()
             with suppress(RuntimeError):  # the loop is gone: nobody waits any more
                 loop.call_soon_threadsafe(_resolve, finished)
 
@@ -452,26 +443,22 @@ class DesktopActivityCollector:
                 idle=command.session.is_idle,
             )
         elif isinstance(command, Revised):
-            changes, moved = [], []
-            for revision in command.revisions:
-                row = self._row_of(revision.old)
-                if row is not None:
-                    changes.append((row, self._revised_row(revision.new, revision.end)))
-                    moved.append((revision.old, revision.new, row))
-            self.writer.update_many(changes)  # one transaction: no half-revised idle period
-            for revision in command.revisions:
-                row = self._row_of(revision.old)
-                if row is not None:
-                    self._ends[row] = revision.end
-            for old, new, row in moved:
-                self._rows.pop(id(old), None)
-                self._rows[id(new)] = (new, row)
-            self._log.debug("desktop.sessions_revised", rows=len(changes), reason="idle")
+            found = [(r, self._row_of(r.old)) for r in command.revisions]
+            recorded = [(r, row_id) for r, row_id in found if row_id is not None]
+            # One transaction: no half-revised idle period.
+            self.writer.update_many(
+                [(row_id, self._revised_row(r.new, r.end)) for r, row_id in recorded]
+            )
+            for revision, row_id in recorded:
+                self._rows.pop(id(revision.old), None)
+                self._rows[id(revision.new)] = (revision.new, row_id)
+                self._ends[row_id] = revision.end
+            self._log.debug("desktop.sessions_revised", rows=len(recorded), reason="idle")
         elif isinstance(command, (Extended, Closed)):
             row = self._row_of(command.session)
             if row is None:
                 return
-            self.writer.update(row, self._end_values(command.session, command.end))
+            self.writer.update(row, _end_columns(int(command.session.start), int(command.end)))
             self._ends[row] = command.end
             if isinstance(command, Closed):
                 self._log.debug(
@@ -512,18 +499,11 @@ class DesktopActivityCollector:
         )
 
     def _start_row(self, session: Session) -> dict[str, object]:
-        start = int(session.start)
         return {
-            "start_time": start,
-            "start_time_iso": _iso(start),
+            **_session_columns(session),
             "end_time": None,
             "end_time_iso": None,
             "duration_seconds": None,
-            "application_name": session.application,
-            "window_title": session.title,
-            "process_name": session.process_name,
-            "pid": session.pid,
-            "is_idle": int(session.is_idle),
             "created_at": int(self._clock()),
         }
 
@@ -546,26 +526,26 @@ class DesktopActivityCollector:
             return [(int(row_id), int(start)) for row_id, start in conn.execute(query)]
 
     @staticmethod
-    def _end_values(session: Session, end: float) -> dict[str, object]:
-        return _end_columns(int(session.start), int(end))
-
-    @staticmethod
     def _revised_row(session: Session, end: float) -> dict[str, object]:
-        start = int(session.start)
-        return {
-            "start_time": start,
-            "start_time_iso": _iso(start),
-            "application_name": session.application,
-            "window_title": session.title,
-            "process_name": session.process_name,
-            "pid": session.pid,
-            "is_idle": int(session.is_idle),
-            **_end_columns(start, int(end)),
-        }
+        return {**_session_columns(session), **_end_columns(int(session.start), int(end))}
+
+
+def _session_columns(session: Session) -> dict[str, object]:
+    """What a row says about its session, apart from when it ended."""
+    start = int(session.start)
+    return {
+        "start_time": start,
+        "start_time_iso": iso(start),
+        "application_name": session.application,
+        "window_title": session.title,
+        "process_name": session.process_name,
+        "pid": session.pid,
+        "is_idle": int(session.is_idle),
+    }
 
 
 def _end_columns(start: int, end: int) -> dict[str, object]:
-    return {"end_time": end, "end_time_iso": _iso(end), "duration_seconds": end - start}
+    return {"end_time": end, "end_time_iso": iso(end), "duration_seconds": end - start}
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -13,10 +13,8 @@ How it watches
 Threads
     watchdog's reader thread only timestamps events and queues them. One processor thread owns
     all bookkeeping (watches, snapshot, coalescing), so events are applied strictly in kernel
-    order. One writer thread owns the `RowWriter` and writes batches with `insert_many`; at the
-    end of `run()` it closes the writer itself, because the SQLite connection is bound to that
-    thread and cannot be closed from the agent's (closing twice is harmless, so the agent's own
-    `close()` afterwards is a no-op).
+    order. One writer thread writes batches through the `RowWriter` with `insert_many`; whoever
+    made the writer closes it (the agent, after `run()` returns).
 
 What a row means
     `event_type` is `created`, `modified`, `deleted` or `moved`. `file_path` is absolute and, for
@@ -94,7 +92,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import structlog
@@ -110,6 +107,7 @@ from watchdog.observers.inotify_c import (
 from host_agent.config import FilesystemCollectorConfig
 from host_agent.errors import StoreClosed
 from host_agent.store.writer import Row, RowWriter
+from host_agent.timefmt import iso
 
 CREATED = "created"
 MODIFIED = "modified"
@@ -175,10 +173,6 @@ def _text(path: bytes) -> tuple[str, bytes | None]:
         return path.decode("utf-8"), None
     except UnicodeDecodeError:
         return path.decode("utf-8", "backslashreplace"), path
-
-
-def _iso(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 @dataclass
@@ -1150,7 +1144,7 @@ class FileChangeCollector:
     def _iso(self, epoch: int) -> str:
         cached_epoch, text = self._iso_cache
         if cached_epoch != epoch:
-            text = _iso(epoch)
+            text = iso(epoch)
             self._iso_cache = (epoch, text)
         return text
 
@@ -1187,28 +1181,23 @@ class FileChangeCollector:
     # --- writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        try:
-            done = False
-            while not done:
-                batch: list[Row] = []
-                item = self._out.get()
+        done = False
+        while not done:
+            batch: list[Row] = []
+            item = self._out.get()
+            done = item is _STOP
+            if not done:
+                batch.extend(self._batch(item))
+            while not done and len(batch) < MAX_BATCH_ROWS:
+                try:
+                    item = self._out.get_nowait()
+                except queue.Empty:
+                    break
                 done = item is _STOP
                 if not done:
                     batch.extend(self._batch(item))
-                while not done and len(batch) < MAX_BATCH_ROWS:
-                    try:
-                        item = self._out.get_nowait()
-                    except queue.Empty:
-                        break
-                    done = item is _STOP
-                    if not done:
-                        batch.extend(self._batch(item))
-                if batch:
-                    self._write(batch)
-        finally:
-            # The connection belongs to this thread, so only this thread can close it.
-            with contextlib.suppress(Exception):
-                self._writer.close()
+            if batch:
+                self._write(batch)
 
     @staticmethod
     def _batch(item: object) -> Iterator[Row]:

@@ -109,11 +109,10 @@ class X11Connection:
     def __init__(self, name: str, *, probe_timeout: float = 5.0) -> None:
         probe_display(name, probe_timeout)
         self.name = name
-        self.async_errors = 0
         display = Xlib.display.Display(name)
         try:
             # Errors of requests without replies arrive later; python-xlib prints them to
-            # stderr by default. Count them instead: replies raise where they are made.
+            # stderr by default. Ignore them instead: requests with replies raise where made.
             display.set_error_handler(self._on_async_error)
             self._display: Any = display
             self._root: Any = display.screen().root
@@ -129,7 +128,7 @@ class X11Connection:
         self._hostname = socket.gethostname()
 
     def _on_async_error(self, error: Any, request: Any) -> None:
-        self.async_errors += 1
+        pass
 
     # --- focus ---------------------------------------------------------------------------
 

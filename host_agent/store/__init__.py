@@ -1,7 +1,7 @@
 """Local SQLite store: connections, schema, migrations, and the writer collectors use."""
 
 from host_agent.store.connection import connect
-from host_agent.store.migrations import applied_migrations, migrate
+from host_agent.store.migrations import applied_migrations, migrate, prepare_file
 from host_agent.store.schema import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
 from host_agent.store.writer import RowWriter
 
@@ -14,4 +14,5 @@ __all__ = [
     "applied_migrations",
     "connect",
     "migrate",
+    "prepare_file",
 ]

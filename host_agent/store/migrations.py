@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
+from host_agent.store.connection import connect
 from host_agent.store.schema import LocalTable
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -52,3 +54,13 @@ def migrate(conn: sqlite3.Connection, table: LocalTable) -> list[str]:
             conn.execute("ROLLBACK")
             raise
     return applied
+
+
+def prepare_file(path: Path, table: LocalTable) -> list[str]:
+    """Create `path` if needed and bring it up to date; return the migrations applied.
+    Blocking: call it from a thread when on the event loop."""
+    conn = connect(path)
+    try:
+        return migrate(conn, table)
+    finally:
+        conn.close()

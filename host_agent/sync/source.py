@@ -24,8 +24,8 @@ from typing import Any, cast
 import aiosqlite
 
 from host_agent.errors import StoreClosed
-from host_agent.store.connection import PRAGMAS, connect
-from host_agent.store.migrations import migrate
+from host_agent.store.connection import PRAGMAS
+from host_agent.store.migrations import prepare_file
 from host_agent.store.schema import NOT_QUARANTINED, LocalTable
 from host_agent.sync.sink import Rejection, SyncRunRecord
 from host_agent.sync.table_plan import LocalRow
@@ -53,15 +53,6 @@ class SyncState:
 
 def _decode_lossless(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
-
-
-def prepare_file(path: Path, table: LocalTable) -> None:
-    """Create and migrate the SQLite file (blocking; run in a thread)."""
-    conn = connect(path)
-    try:
-        migrate(conn, table)
-    finally:
-        conn.close()
 
 
 def read_batch_sql(table: LocalTable, local_columns: Sequence[str]) -> str:

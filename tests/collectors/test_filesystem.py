@@ -581,7 +581,7 @@ async def test_stop_reads_what_the_kernel_still_holds_and_flushes_pending_rows(
         ("created", name) for name in names
     ]
     assert collector.events_recorded == 5
-    writer.close()  # harmless: the collector already released it on its own thread
+    writer.close()
 
 
 async def test_missing_roots_are_skipped_and_picked_up_when_they_appear(

@@ -49,7 +49,7 @@ def db_path(tmp_path: Path) -> Path:
 def writer(db_path: Path) -> Iterator[RowWriter]:
     writer = RowWriter(db_path, DESKTOP_ACTIVITY)
     yield writer
-    writer.close()  # as the agent does; a no-op when the collector's thread closed it already
+    writer.close()  # as the agent does
 
 
 def read_rows(db_path: Path) -> list[dict[str, Any]]:
