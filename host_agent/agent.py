@@ -34,6 +34,7 @@ from host_agent.observability import (
     collector_state,
 )
 from host_agent.store.connection import connect
+from host_agent.store.migrations import prepare_file
 from host_agent.store.retention import SizeLimit, prune_synced
 from host_agent.store.schema import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
 from host_agent.store.writer import RowWriter
@@ -182,10 +183,12 @@ class Agent:
                 lock.acquire()
                 stack.callback(lock.release)
             stack.callback(lambda: state_path(self.config).unlink(missing_ok=True))
-            sources = await stack.enter_async_context(open_sources(self.config))
+            for table in TABLES:  # housekeeping reads them whether or not sync runs
+                await asyncio.to_thread(prepare_file, table_path(self.config, table), table)
             tasks: list[Callable[[], Any]] = [functools.partial(self._housekeeping, stop)]
             wake: Callable[[], object] = lambda: None  # noqa: E731
             if sync_settings.enabled:
+                sources = await stack.enter_async_context(open_sources(self.config))
                 sink = make_sink(self.config)
                 stack.push_async_callback(sink.close)
                 engine = SyncEngine(
