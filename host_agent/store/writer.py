@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -86,18 +85,15 @@ class RowWriter:
                         for row in rows[allowed:]
                     ]
                     rows = rows[:allowed]
-            # One statement per run of rows with the same columns (usually the whole batch).
-            # Ids are consecutive within a run: AUTOINCREMENT, no insert triggers, and this
-            # connection is the only writer inside BEGIN IMMEDIATE.
-            for columns, group in itertools.groupby(rows, key=tuple):
-                values = [tuple(row.values()) for row in group]
-                marks = ", ".join("?" * len(columns))
-                conn.executemany(
-                    f"INSERT INTO {self.table.name} ({', '.join(columns)}) VALUES ({marks})",
-                    values,
+            for row in rows:
+                columns = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                cur = conn.execute(
+                    f"INSERT INTO {self.table.name} ({columns}) VALUES ({marks})",
+                    tuple(row.values()),
                 )
-                last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-                ids.extend(range(last - len(values) + 1, last + 1))
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -122,11 +118,11 @@ class RowWriter:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for columns, group in itertools.groupby(changes, key=lambda c: tuple(c[1])):
-                assignments = ", ".join(f"{column} = ?" for column in columns)
-                conn.executemany(
+            for row_id, values in changes:
+                assignments = ", ".join(f"{column} = ?" for column in values)
+                conn.execute(
                     f"UPDATE {self.table.name} SET {assignments} WHERE id = ?",
-                    [(*values.values(), row_id) for row_id, values in group],
+                    (*values.values(), row_id),
                 )
             conn.execute("COMMIT")
         except BaseException:
