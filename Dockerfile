@@ -3,9 +3,9 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY host_agent ./host_agent
-COPY services ./services
 COPY config ./config
-RUN pip install --no-cache-dir -e . \
+# A normal (non-editable) install: the schema SQL ships inside the package.
+RUN pip install --no-cache-dir . \
     && useradd --system --create-home --home-dir /var/lib/host-agent host-agent
 USER host-agent
 VOLUME ["/var/lib/host-agent"]

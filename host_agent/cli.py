@@ -1,34 +1,29 @@
-"""The command line: parse, load the configuration, call one library function, map errors.
+"""The command line: parse the arguments, load the configuration, dispatch to `commands/`.
 
-Exit codes (documented in the README):
-  0  done (for `sync --once`: every row is synced or quarantined)
-  1  unexpected error
-  2  bad configuration or usage
-  3  PostgreSQL unreachable (retrying later can help)
-  4  PostgreSQL refused the credentials or permissions
-  5  PostgreSQL schema mismatch (run `host-agent init-db`)
-  6  another agent is already running on this data directory
-  7  trigger-sync: no agent is running
-  8  trigger-sync: the agent belongs to another user
-  9  trigger-sync: the triggered sync did not finish in time
+Everything a command does lives in its module under `host_agent/commands/`; this module only
+parses, sets up logging, and turns a `HostAgentError` into one line on stderr and the exit code
+the error's class carries (see `host_agent.errors`; the README lists them).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 
-from host_agent import __version__, commands
+from host_agent import __version__
 from host_agent.config import AgentConfig, load_config
-from host_agent.errors import ConfigError, HostAgentError
+from host_agent.errors import (
+    EXIT_TRIGGERED_SYNC_FAILED,
+    EXIT_UNEXPECTED,
+    ConfigError,
+    HostAgentError,
+)
 from host_agent.logging import configure_logging, redact, register_url
-from host_agent.status import collect_status, render_status
-from host_agent.sync.engine import SyncReport
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +64,93 @@ def build_parser() -> argparse.ArgumentParser:
         help="when database.postgres_url is unset, start a PostgreSQL cluster in DIR "
         "(created on first use) and run against it",
     )
+    local = sub.add_parser(
+        "local-postgres", help="start, stop or inspect the embedded PostgreSQL cluster"
+    )
+    local.add_argument(
+        "action",
+        choices=("start", "stop", "status", "url"),
+        help="url prints a connection URL including the password: for scripts only",
+    )
+    local.add_argument(
+        "--dir", type=Path, default=Path("data/postgres"), help="cluster directory "
+        "(default: data/postgres, as scripts/run.sh uses)"
+    )
+    local.add_argument("--port", type=int, help="TCP port for start (default: a free one, kept)")
+    local.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    local.add_argument(
+        "--db", default="host_agent", help="database name for url (default: host_agent)"
+    )
     return parser
+
+
+def _init_db(args: argparse.Namespace, config: AgentConfig) -> int:
+    import asyncio
+
+    from host_agent.commands.init_db import init_db
+
+    files = asyncio.run(init_db(config))
+    print(f"schema applied: {', '.join(files)}")
+    return 0
+
+
+def _sync(args: argparse.Namespace, config: AgentConfig) -> int:
+    import asyncio
+
+    from host_agent.commands.sync import sync_once
+
+    report = asyncio.run(sync_once(config, retry_rejected=args.retry_rejected))
+    for table in report.tables:
+        line = f"{table.table}: {table.status}, {table.synced} synced, {table.failed} rejected"
+        if table.error is not None:
+            line += f" ({redact(str(table.error))})"
+        print(line)
+    error = report.first_error
+    if error is not None:
+        raise error
+    return 0
+
+
+def _trigger(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.trigger import trigger_sync
+
+    triggered = trigger_sync(config, args.wait)
+    for table, (state, problem) in triggered.statuses.items():
+        print(f"{table}: {state}" + (f" ({problem})" if problem else ""))
+    print(f"agent pid {triggered.pid}: sync {'done' if triggered.ok else 'failed'}")
+    return 0 if triggered.ok else EXIT_TRIGGERED_SYNC_FAILED
+
+
+def _status(args: argparse.Namespace, config: AgentConfig) -> int:
+    import json
+
+    from host_agent.commands.status import collect_status, render_status
+
+    data = collect_status(config)
+    print(json.dumps(data, indent=2) if args.json else render_status(data))
+    return 0
+
+
+def _run(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.run import main as run_main
+
+    return run_main(config, args.local_postgres)
+
+
+def _local_postgres(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.local_postgres import main as local_main
+
+    return local_main(args.action, args.dir, port=args.port, timeout=args.timeout, db=args.db)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
+    "init-db": _init_db,
+    "sync": _sync,
+    "trigger-sync": _trigger,
+    "status": _status,
+    "run": _run,
+    "local-postgres": _local_postgres,
+}
 
 
 def _fail(message: str, code: int) -> int:
@@ -77,49 +158,13 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _print_sync_report(report: SyncReport) -> None:
-    for table in report.tables:
-        line = f"{table.table}: {table.status}, {table.synced} synced, {table.failed} rejected"
-        if table.error is not None:
-            line += f" ({redact(str(table.error))})"
-        print(line)
-
-
-def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
-    if args.command == "init-db":
-        files = asyncio.run(commands.init_db(config))
-        print(f"schema applied: {', '.join(files)}")
-        return 0
-    if args.command == "sync":
-        report = asyncio.run(commands.sync_once(config, retry_rejected=args.retry_rejected))
-        _print_sync_report(report)
-        error = report.first_error
-        if error is not None:
-            return _fail(str(error), error.exit_code)
-        return 0
-    if args.command == "trigger-sync":
-        from host_agent.control import trigger_sync
-
-        triggered = trigger_sync(config, args.wait)
-        for table, (state, problem) in triggered.statuses.items():
-            print(f"{table}: {state}" + (f" ({problem})" if problem else ""))
-        print(f"agent pid {triggered.pid}: sync {'done' if triggered.ok else 'failed'}")
-        return 0 if triggered.ok else 3
-    if args.command == "status":
-        data = collect_status(config)
-        print(json.dumps(data, indent=2) if args.json else render_status(data))
-        return 0
-    if args.command == "run":
-        from host_agent.agent import run_agent
-
-        if config.postgres_url is None and args.local_postgres:
-            from host_agent.embedded import run_with_local_postgres
-
-            asyncio.run(run_with_local_postgres(config, args.local_postgres))
-        else:
-            asyncio.run(run_agent(config))
-        return 0
-    raise AssertionError(args.command)  # pragma: no cover
+def _quiet_broken_pipe() -> int:
+    """The reader closed the pipe early (`status --json | head -1`): its choice, not an error.
+    Point stdout at /dev/null so the interpreter's final flush does not complain again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,16 +177,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(
             args.log_level or config.logging.level, args.log_format or config.logging.format
         )
-        return _dispatch(args, config)
+        code = COMMANDS[args.command](args, config)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", 2)
+        return _fail(f"config error: {exc}", exc.exit_code)
     except HostAgentError as exc:
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         structlog.get_logger("host_agent").error("unexpected error", exc_info=True)
-        return _fail(f"unexpected error: {type(exc).__name__}: {exc}", 1)
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
 
 
 if __name__ == "__main__":

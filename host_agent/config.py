@@ -28,8 +28,8 @@ DEFAULT_CONFIG_PATH = Path("config/config.yaml")
 ENV_PREFIX = "HOST_AGENT_"
 ENV_CONFIG_PATH = "HOST_AGENT_CONFIG"
 # HOST_AGENT_* variables that are not configuration keys: the config file's path, the
-# PostgreSQL binaries for the embedded server (localpg), the schema files (pg_schema).
-NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, "HOST_AGENT_PG_BIN", "HOST_AGENT_SCHEMA_DIR"})
+# PostgreSQL binaries for the embedded server (host_agent.embedded).
+NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, "HOST_AGENT_PG_BIN"})
 SECRET_KEYS = frozenset({"database.postgres_url"})
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -1,17 +1,29 @@
-"""host-agent's errors, grouped by whether retrying can help.
+"""Every error host-agent raises, split first by whether retrying later can help.
 
-    HostAgentError              base; `retryable` says whether trying again later can help
-    ├── ConfigError             bad configuration: names the key (exit code 2)      not retryable
-    ├── StoreError              the local SQLite store failed                        not retryable
-    │   └── StoreClosed         a store object was used after close()                not retryable
-    ├── AgentAlreadyRunning     another agent holds this data directory's lock       not retryable
-    └── SinkError               the PostgreSQL side failed
-        ├── SinkUnavailable     unreachable, timed out, connection lost, conflict    retryable
-        ├── SinkAuthFailed      authentication or permission refused                 not retryable
-        └── SchemaMismatch      tables or columns missing: run `host-agent init-db`  not retryable
+    HostAgentError              base: `retryable`, `exit_code`                        exit  retry
+    ├── ConfigError             bad configuration or usage; names the key              2     no
+    ├── AgentAlreadyRunning     another agent holds this data directory's lock         6     no
+    ├── TriggerError            `trigger-sync` got no result
+    │   ├── AgentNotRunning     no agent runs on these local files                     7     no
+    │   ├── TriggerRefused      the agent belongs to another user                      8     no
+    │   └── TriggerTimedOut     the triggered run did not finish within --wait         9     yes
+    ├── EmbeddedPostgresError   the embedded PostgreSQL could not be set up or run     1     no
+    ├── StoreError              the local SQLite store failed                          1     no
+    │   ├── StoreUnavailable    locked by another process, disk full, I/O error,       11    yes
+    │   │                       read-only file: a fault that can clear by itself
+    │   ├── StoreUnusable       not an SQLite file, or corrupt; names the file         10    no
+    │   │   └── StoreTooNew     written by a newer host-agent; names both versions     10    no
+    │   └── StoreClosed         a store object used after close() (a bug)              1     no
+    └── SinkError               the server side failed (PostgreSQL, a gateway)         1     no
+        ├── SinkUnavailable     unreachable, timed out, connection lost, overloaded    3     yes
+        │   └── SinkReadOnly    a read-only or recovering server (replica, failover)   3     yes
+        ├── SinkAuthFailed      credentials or permissions refused                     4     no
+        └── SchemaMismatch      tables, columns or keys missing: run `init-db`         5     no
 
-Foreign errors (asyncpg, OSError, sqlite3) are translated into these at one boundary each:
-`host_agent.sync.pg_errors` for PostgreSQL. Messages never contain secrets.
+Foreign errors are translated at one boundary each: sqlite3 in `host_agent.store.faults`,
+asyncpg and sockets in `host_agent.sync.postgres.errors`. Exit codes live here, on the
+classes, and nowhere else; `host_agent.cli` maps an error to its code. Messages never hold
+secrets.
 """
 
 from __future__ import annotations
@@ -31,16 +43,50 @@ class ConfigError(HostAgentError):
         self.problem = problem
 
 
+class AgentAlreadyRunning(HostAgentError):
+    exit_code = 6
+
+
+class TriggerError(HostAgentError):
+    pass
+
+
+class AgentNotRunning(TriggerError):
+    exit_code = 7
+
+
+class TriggerRefused(TriggerError):
+    exit_code = 8
+
+
+class TriggerTimedOut(TriggerError):
+    retryable = True
+    exit_code = 9
+
+
+class EmbeddedPostgresError(HostAgentError):
+    pass
+
+
 class StoreError(HostAgentError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    retryable = True
+    exit_code = 11
+
+
+class StoreUnusable(StoreError):
+    exit_code = 10
+
+
+class StoreTooNew(StoreUnusable):
     pass
 
 
 class StoreClosed(StoreError):
     pass
-
-
-class AgentAlreadyRunning(HostAgentError):
-    exit_code = 6
 
 
 class SinkError(HostAgentError):
@@ -52,9 +98,19 @@ class SinkUnavailable(SinkError):
     exit_code = 3
 
 
+class SinkReadOnly(SinkUnavailable):
+    pass
+
+
 class SinkAuthFailed(SinkError):
     exit_code = 4
 
 
 class SchemaMismatch(SinkError):
     exit_code = 5
+
+
+# Exit codes that are not errors of the program but outcomes a command reports.
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_TRIGGERED_SYNC_FAILED = SinkUnavailable.exit_code

@@ -126,7 +126,7 @@ async def bench(files: int, root_parent: Path, coalesce_ms: int, patience: float
     from host_agent.collectors.filesystem import FileChangeCollector
     from host_agent.config import FilesystemCollectorConfig
     from host_agent.logging import configure_logging
-    from host_agent.store.schema import FILE_CHANGES
+    from host_agent.store.tables import FILE_CHANGES
     from host_agent.store.writer import RowWriter
 
     configure_logging(level="warning")
@@ -257,7 +257,7 @@ def log_tail(work_dir: Path, lines: int = 20) -> str:
 def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
     import yaml
 
-    from host_agent.localpg import LocalPostgres
+    from host_agent.embedded.cluster import LocalPostgres
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from support.x11 import Desktop  # the test suite's X helper: Xvfb, openbox, xterms
 

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from host_agent.localpg import LocalPostgres  # noqa: E402
+from host_agent.embedded.cluster import LocalPostgres  # noqa: E402
 from host_agent.store import FILE_CHANGES, connect, migrate  # noqa: E402
 
 HOST = "bench-host"

@@ -195,7 +195,7 @@ else:
         fail(
             f"{KEY}: not set in {where}; give --url, set HOST_AGENT_DATABASE_POSTGRES_URL, "
             "or for the local cluster of scripts/run.sh: "
-            'HOST_AGENT_DATABASE_POSTGRES_URL="$(.venv/bin/python -m host_agent.localpg '
+            'HOST_AGENT_DATABASE_POSTGRES_URL="$(.venv/bin/host-agent local-postgres '
             'url --dir data/postgres)"'
         )
 

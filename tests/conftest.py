@@ -10,7 +10,7 @@ import pytest
 from support.pg import cluster_template, temporary_cluster, unique_db_name
 from support.tcp_proxy import TcpProxy
 
-from host_agent.localpg import LocalPostgres
+from host_agent.embedded.cluster import LocalPostgres
 
 # --- CI: nothing skips -------------------------------------------------------------------
 

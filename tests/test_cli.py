@@ -14,7 +14,7 @@ import pytest
 from support.data import file_event, insert_file_events, pg_fetch_sync
 from support.pg import unique_db_name
 
-from host_agent.localpg import LocalPostgres
+from host_agent.embedded.cluster import LocalPostgres
 
 PASSWORD = "Sup3r-Secret_pw-7731"
 ROOT = Path(__file__).resolve().parents[1]

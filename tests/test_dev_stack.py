@@ -25,8 +25,20 @@ def test_postgres_service_gets_the_schema_and_a_healthcheck() -> None:
     mounts = {m.split(":")[1]: m.split(":")[0] for m in postgres["volumes"]}
     assert mounts["/docker-entrypoint-initdb.d"] == "./services/database/init"
     assert sorted((ROOT / "services/database/init").glob("*.sql")), "schema files exist"
+
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD")
+
+
+def test_the_compose_schema_directory_is_the_packaged_schema() -> None:
+    """One source of truth: the stack mounts the very files `init-db` applies."""
+    from host_agent.sync.postgres.schema import schema_files
+
+    mounted = sorted((ROOT / "services/database/init").glob("*.sql"))
+    packaged = schema_files()
+    assert [p.name for p in mounted] == [p.name for p in packaged]
+    for path, resource in zip(mounted, packaged, strict=True):
+        assert path.read_bytes() == resource.read_bytes(), path.name
 
 
 def test_agent_service_starts_after_a_healthy_database_with_config_and_data() -> None:
@@ -68,4 +80,7 @@ def test_dockerfile_copies_what_exists_and_runs_the_agent() -> None:
     text = "\n".join(lines)
     assert "host-agent init-db" in text and "exec host-agent run" in text
     assert "STOPSIGNAL SIGTERM" in text
+    assert re.search(r"^RUN pip install --no-cache-dir \. ", text, re.MULTILINE), (
+        "a normal install, not an editable one: the package carries its schema"
+    )
     assert re.search(r"^USER (?!root)", text, re.MULTILINE), "the agent does not run as root"

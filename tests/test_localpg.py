@@ -1,4 +1,4 @@
-"""host_agent.localpg against real PostgreSQL clusters."""
+"""host_agent.embedded.cluster against real PostgreSQL clusters."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 from support.pg import copy_template, require_pg_binaries, unique_db_name
 
-from host_agent import localpg
-from host_agent.localpg import LocalPostgres, LocalPostgresError
+from host_agent.embedded import cluster as localpg
+from host_agent.embedded.cluster import LocalPostgres, LocalPostgresError
 
 CONNECT_TIMEOUT = 10
 
@@ -255,7 +255,7 @@ def cli_dir(pg_template: LocalPostgres) -> Iterator[Path]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "host_agent.localpg", *args],
+        [sys.executable, "-m", "host_agent", "local-postgres", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -270,7 +270,7 @@ async def test_cli_start_url_stop(cli_dir: Path) -> None:
     assert started.returncode == 0, started.stderr
     assert started.stdout == ""
 
-    url = run_cli("url", "--dir", str(cli_dir))
+    url = run_cli("url", "--dir", str(cli_dir), "--db", "postgres")
     assert url.returncode == 0, url.stderr
     assert f"@127.0.0.1:{port}/postgres" in url.stdout
     assert await fetchval(url.stdout.strip(), "SELECT 1") == 1

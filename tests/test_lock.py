@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from host_agent.daemon.lock import PROBE_GRACE_SECONDS, AgentLock, holder_pid, lock_path
 from host_agent.errors import AgentAlreadyRunning
-from host_agent.lock import PROBE_GRACE_SECONDS, AgentLock, holder_pid, lock_path
 
 
 def test_second_lock_is_refused_naming_the_holder(tmp_path: Path) -> None:

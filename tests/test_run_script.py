@@ -15,7 +15,7 @@ from support.agent_process import agent_env, wait_until, write_config
 from support.data import pg_fetch_sync
 from support.pg import require_pg_binaries
 
-from host_agent.localpg import LocalPostgres
+from host_agent.embedded.cluster import LocalPostgres
 
 ROOT = Path(__file__).resolve().parents[1]
 

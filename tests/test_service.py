@@ -15,7 +15,7 @@ import pytest
 from support.agent_process import AgentProcess, agent_env, run_agent, wait_until, write_config
 from support.data import file_event, insert_file_events, pg_fetch_sync
 
-from host_agent.localpg import free_port
+from host_agent.embedded.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

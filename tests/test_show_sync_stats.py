@@ -20,7 +20,7 @@ from support.data import apply_schema_to, pg_fetch_sync
 from support.pg import unique_db_name
 
 from host_agent.config import check_postgres_url
-from host_agent.localpg import LocalPostgres, free_port
+from host_agent.embedded.cluster import LocalPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "show-sync-stats.sh"

@@ -22,9 +22,9 @@ from support.data import (
     session,
 )
 
-from host_agent.commands import sync_once
+from host_agent.commands.status import collect_status
+from host_agent.commands.sync import sync_once
 from host_agent.config import AgentConfig
-from host_agent.status import collect_status
 from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
 from host_agent.sync.loop import BackoffPolicy
 

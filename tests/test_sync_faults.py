@@ -45,11 +45,11 @@ from support.data import (
 from support.pg import unique_db_name
 from support.tcp_proxy import TcpProxy
 
-from host_agent.agent import Agent
-from host_agent.commands import sync_once
+from host_agent.commands.status import collect_status
+from host_agent.commands.sync import sync_once
 from host_agent.config import AgentConfig
-from host_agent.localpg import LocalPostgres, free_port, scram_verifier
-from host_agent.status import collect_status
+from host_agent.daemon.agent import Agent
+from host_agent.embedded.cluster import LocalPostgres, free_port, scram_verifier
 from host_agent.store import FILE_CHANGES, RowWriter
 from host_agent.sync.loop import SyncLoop
 

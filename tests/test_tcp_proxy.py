@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from support.tcp_proxy import TcpProxy
 
-from host_agent.localpg import LocalPostgres
+from host_agent.embedded.cluster import LocalPostgres
 
 IO_TIMEOUT = 5.0
 MakeProxy = Callable[[str, int], TcpProxy]

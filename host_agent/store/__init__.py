@@ -2,7 +2,7 @@
 
 from host_agent.store.connection import connect
 from host_agent.store.migrations import applied_migrations, migrate, prepare_file
-from host_agent.store.schema import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
+from host_agent.store.tables import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
 from host_agent.store.writer import RowWriter
 
 __all__ = [

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from host_agent.store.connection import connect
-from host_agent.store.schema import LocalTable
+from host_agent.store.tables import LocalTable
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
     name TEXT PRIMARY KEY,

@@ -6,7 +6,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from host_agent.store.schema import LocalTable
+from host_agent.store.tables import LocalTable
 
 CHUNK = 5000
 

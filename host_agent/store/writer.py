@@ -14,7 +14,7 @@ from host_agent.errors import StoreClosed
 from host_agent.store.connection import connect
 from host_agent.store.migrations import migrate
 from host_agent.store.retention import SizeLimit, make_room
-from host_agent.store.schema import LocalTable
+from host_agent.store.tables import LocalTable
 
 Row = Mapping[str, object]
 log = structlog.get_logger("host_agent.store")

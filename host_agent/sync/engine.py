@@ -25,9 +25,9 @@ from tenacity import (
 
 from host_agent.errors import SinkError, SinkUnavailable
 from host_agent.logging import redact
-from host_agent.sync.sink import PostgresSink, Rejection, SyncRunRecord
+from host_agent.sync.postgres.plan import TablePlan
+from host_agent.sync.postgres.sink import PostgresSink, Rejection, SyncRunRecord
 from host_agent.sync.source import Batch, LocalSource
-from host_agent.sync.table_plan import TablePlan
 
 T = TypeVar("T")
 LOGGED_REJECTIONS_PER_BATCH = 10

@@ -26,9 +26,9 @@ import aiosqlite
 from host_agent.errors import StoreClosed
 from host_agent.store.connection import PRAGMAS
 from host_agent.store.migrations import prepare_file
-from host_agent.store.schema import NOT_QUARANTINED, LocalTable
-from host_agent.sync.sink import Rejection, SyncRunRecord
-from host_agent.sync.table_plan import LocalRow
+from host_agent.store.tables import NOT_QUARANTINED, LocalTable
+from host_agent.sync.postgres.plan import LocalRow
+from host_agent.sync.postgres.sink import Rejection, SyncRunRecord
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from support.ci import unavailable
 from host_agent.collectors import filesystem
 from host_agent.collectors.filesystem import FileChangeCollector
 from host_agent.config import FilesystemCollectorConfig
-from host_agent.store.schema import FILE_CHANGES
+from host_agent.store.tables import FILE_CHANGES
 from host_agent.store.writer import RowWriter
 
 Rows = list[dict[str, Any]]

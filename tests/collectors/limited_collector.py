@@ -24,7 +24,7 @@ import structlog
 
 from host_agent.collectors.filesystem import FileChangeCollector
 from host_agent.config import FilesystemCollectorConfig
-from host_agent.store.schema import FILE_CHANGES
+from host_agent.store.tables import FILE_CHANGES
 from host_agent.store.writer import RowWriter
 
 WATCH_LIMIT = Path("/proc/sys/user/max_inotify_watches")

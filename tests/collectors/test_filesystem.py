@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from host_agent.collectors.filesystem import FileChangeCollector
 from host_agent.config import FilesystemCollectorConfig
-from host_agent.store.schema import FILE_CHANGES
+from host_agent.store.tables import FILE_CHANGES
 from host_agent.store.writer import RowWriter
 
 from .conftest import QueueLimit, Rows, StartCollector, StartLimited, inotify_fds, read_rows

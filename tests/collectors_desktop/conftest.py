@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from support.x11 import Desktop, XTerm, poll_until, require_tools  # noqa: F401
 
-from host_agent.store.schema import DESKTOP_ACTIVITY
+from host_agent.store.tables import DESKTOP_ACTIVITY
 from host_agent.store.writer import RowWriter
 
 

@@ -20,7 +20,7 @@ from support.x11 import poll_until
 
 from host_agent.store.connection import connect
 from host_agent.store.retention import SizeLimit, used_bytes
-from host_agent.store.schema import DESKTOP_ACTIVITY
+from host_agent.store.tables import DESKTOP_ACTIVITY
 from host_agent.store.writer import RowWriter
 
 from .conftest import Desktop, read_rows
@@ -139,7 +139,7 @@ _CHILD = """
 import asyncio, sys
 from host_agent.collectors.desktop import DesktopActivityCollector
 from host_agent.config import DesktopCollectorConfig
-from host_agent.store.schema import DESKTOP_ACTIVITY
+from host_agent.store.tables import DESKTOP_ACTIVITY
 from host_agent.store.writer import RowWriter
 
 db, display, checkpoint = sys.argv[1], sys.argv[2], float(sys.argv[3])

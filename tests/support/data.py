@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
-from host_agent.sync.pg_schema import apply_schema
+from host_agent.sync.postgres.schema import apply_schema
 
 
 def file_event(i: int, *, now: int | None = None, **overrides: Any) -> dict[str, Any]:

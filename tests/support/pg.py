@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from host_agent.localpg import LocalPostgres, LocalPostgresError, find_bin_dir
+from host_agent.embedded.cluster import LocalPostgres, LocalPostgresError, find_bin_dir
 from support.ci import unavailable
 
 

@@ -26,9 +26,9 @@ from typing import Any
 import asyncpg
 
 from host_agent.errors import HostAgentError, SinkError
-from host_agent.sync.pg_errors import is_row_error, row_error_message, translate
-from host_agent.sync.pg_schema import apply_schema, check_schema, table_columns
-from host_agent.sync.table_plan import TablePlan, build_plan
+from host_agent.sync.postgres.errors import is_row_error, row_error_message, translate
+from host_agent.sync.postgres.plan import TablePlan, build_plan
+from host_agent.sync.postgres.schema import apply_schema, check_schema, table_columns
 
 IDENTITY = ("host_identifier", "source_id")
 

@@ -7,14 +7,14 @@ import sqlite3
 import time
 from typing import Any
 
+from host_agent.commands.trigger import running_pid
 from host_agent.config import AgentConfig
-from host_agent.control import running_pid
+from host_agent.daemon.assembly import state_path, table_path
 from host_agent.store.connection import connect
 from host_agent.store.migrations import migrate
-from host_agent.store.schema import NOT_QUARANTINED, TABLES, LocalTable
+from host_agent.store.tables import NOT_QUARANTINED, TABLES, LocalTable
 from host_agent.timefmt import iso
 from host_agent.urls import redact_url
-from host_agent.wiring import state_path, table_path
 
 QUARANTINE_LISTED = 20
 

@@ -14,22 +14,10 @@ import time
 from dataclasses import dataclass
 
 from host_agent.config import AgentConfig
-from host_agent.errors import HostAgentError
-from host_agent.lock import holder_pid, lock_path
-from host_agent.store.schema import FILE_CHANGES, TABLES
-from host_agent.wiring import table_path
-
-
-class AgentNotRunning(HostAgentError):
-    exit_code = 7
-
-
-class TriggerRefused(HostAgentError):
-    exit_code = 8
-
-
-class TriggerTimedOut(HostAgentError):
-    exit_code = 9
+from host_agent.daemon.assembly import table_path
+from host_agent.daemon.lock import holder_pid, lock_path
+from host_agent.errors import AgentNotRunning, TriggerRefused, TriggerTimedOut
+from host_agent.store.tables import FILE_CHANGES, TABLES
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,35 @@
-"""The PostgreSQL schema: applying `services/database/init/*.sql` and reading it back.
+"""The PostgreSQL schema: applying the numbered SQL files and reading the schema back.
 
-The SQL files are the one source of truth. `host-agent init-db` runs them in name order
-(each is idempotent); the sync engine reads the target tables' columns from the live server
-and derives what it ships from them.
+The SQL files ship inside the package (`host_agent/sync/postgres/sql/`, found with
+`importlib.resources`, so a wheel install has them) and are the one source of truth; the
+compose stack's `services/database/init` is a link to the same directory. `host-agent init-db`
+runs them in name order (each is idempotent); the sync engine reads the target tables'
+columns from the live server and derives what it ships from them.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
+from importlib.abc import Traversable
 
 import asyncpg
 
 from host_agent.errors import SchemaMismatch
 
 REQUIRED_SCHEMA_VERSION = 2
-SCHEMA_DIR_ENV = "HOST_AGENT_SCHEMA_DIR"
 # Serialises concurrent init-db runs from many hosts against one server.
 _INIT_LOCK_KEY = 0x686F7374_6167  # "hostag"
 
 
-def schema_dir() -> Path:
-    """Where the numbered SQL files live (the repository's services/database/init/)."""
-    override = os.environ.get(SCHEMA_DIR_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "services" / "database" / "init"
-
-
-def schema_files() -> list[Path]:
-    directory = schema_dir()
-    files = sorted(directory.glob("*.sql"))
-    if not files:
-        raise SchemaMismatch(f"no schema files found in {directory} (set {SCHEMA_DIR_ENV})")
+def schema_files() -> list[Traversable]:
+    """The schema files, in the order they are applied."""
+    directory = resources.files("host_agent.sync.postgres") / "sql"
+    files = sorted(
+        (f for f in directory.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name
+    )
+    if not files:  # pragma: no cover - a broken install
+        raise SchemaMismatch("no schema files in the installed package (reinstall host-agent)")
     return files
 
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from host_agent.errors import SchemaMismatch
-from host_agent.sync.pg_schema import PgColumn
+from host_agent.sync.postgres.schema import PgColumn
 
 Converter = Callable[[Any], Any]
 LocalRow = tuple[Any, ...]  # (id, row_version, *local values in TablePlan.local_columns order)

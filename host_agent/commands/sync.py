@@ -1,32 +1,14 @@
-"""What each CLI command does, as library functions (the CLI only parses and maps errors)."""
+"""`host-agent sync --once | --retry-rejected`: ship everything unsynced now and exit."""
 
 from __future__ import annotations
 
-import asyncio
-
 from host_agent.config import AgentConfig
-from host_agent.store.migrations import prepare_file
-from host_agent.store.schema import TABLES
+from host_agent.daemon.assembly import make_sink, open_sink, open_sources
 from host_agent.sync.engine import SyncEngine, SyncReport
-from host_agent.wiring import make_sink, open_sink, open_sources, table_path
 
 ONCE_CONNECT_TIMEOUT = 5.0
 ONCE_MAX_QUICK_RETRIES = 3
 ONCE_MAX_WAIT = 2.0
-
-
-def init_local(config: AgentConfig) -> None:
-    """Create and migrate the local SQLite files."""
-    for table in TABLES:
-        prepare_file(table_path(config, table), table)
-
-
-async def init_db(config: AgentConfig) -> list[str]:
-    """Apply the PostgreSQL schema files and create the local schema; return the files run."""
-    await asyncio.to_thread(init_local, config)
-    async with open_sink(make_sink(config)) as sink:
-        await sink.open(check=False)
-        return await sink.init_schema()
 
 
 async def sync_once(config: AgentConfig, *, retry_rejected: bool = False) -> SyncReport:

@@ -17,20 +17,16 @@ from pathlib import Path
 import structlog
 from pydantic import SecretStr
 
-from host_agent.commands import init_db
+from host_agent.commands.init_db import init_db
 from host_agent.config import AgentConfig
-from host_agent.errors import AgentAlreadyRunning, HostAgentError
-from host_agent.localpg import LocalPostgres, LocalPostgresError
-from host_agent.lock import AgentLock
+from host_agent.daemon.lock import AgentLock
+from host_agent.embedded.cluster import LocalPostgres, LocalPostgresError
+from host_agent.errors import AgentAlreadyRunning, EmbeddedPostgresError
 from host_agent.logging import register_secret
 from host_agent.urls import redact_url
 
 DATABASE = "host_agent"
 log = structlog.get_logger("host_agent.embedded")
-
-
-class EmbeddedPostgresFailed(HostAgentError):
-    pass
 
 
 def _start(directory: Path, owner: bool) -> str:
@@ -74,7 +70,7 @@ def with_url(config: AgentConfig, url: str) -> AgentConfig:
 
 
 async def run_with_local_postgres(config: AgentConfig, directory: str | Path) -> None:
-    from host_agent.agent import data_lock, run_agent
+    from host_agent.daemon.agent import data_lock, run_agent
 
     path = Path(directory)
     lock = data_lock(config)
@@ -85,7 +81,7 @@ async def run_with_local_postgres(config: AgentConfig, directory: str | Path) ->
         try:
             url = await asyncio.to_thread(_start, path, owner is not None)
         except LocalPostgresError as exc:
-            raise EmbeddedPostgresFailed(
+            raise EmbeddedPostgresError(
                 f"cannot start the local PostgreSQL in {path}: {exc}"
             ) from None
         try:

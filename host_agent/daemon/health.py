@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from host_agent.sync.engine import SyncReport
 
-log = structlog.get_logger("host_agent.observability")
+log = structlog.get_logger("host_agent.daemon.health")
 REQUEST_TIMEOUT = 5.0
 
 

@@ -11,13 +11,11 @@ Layout of `base_dir`:
 The `postgres` superuser authenticates with scram-sha-256 over TCP. The password is sent to
 the server only as a SCRAM verifier computed here, so the plain text never appears in a
 process list, a server log or an error message.
-
-    python -m host_agent.localpg start|stop|status|url --dir DIR
+`host-agent local-postgres url|status|stop|start --dir DIR` drives it from a shell.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import hashlib
@@ -33,14 +31,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
-__all__ = ["LocalPostgres", "LocalPostgresError", "free_port", "main"]
+from host_agent.errors import EmbeddedPostgresError
+
+__all__ = ["LocalPostgres", "LocalPostgresError", "find_bin_dir", "free_port"]
 
 SERVER_USER: Final = "postgres"
 _PG_ROOT: Final = Path("/usr/lib/postgresql")
@@ -55,7 +54,7 @@ _BIND_ATTEMPTS: Final = 3
 _QUICK_TIMEOUT: Final = 30.0
 
 
-class LocalPostgresError(Exception):
+class LocalPostgresError(EmbeddedPostgresError):
     """The local cluster could not be set up, started, stopped or queried."""
 
 
@@ -523,40 +522,3 @@ def _is_zombie(pid: int) -> bool:
 
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m host_agent.localpg",
-        description="Manage a local PostgreSQL cluster listening on 127.0.0.1.",
-    )
-    parser.add_argument(
-        "command",
-        choices=["start", "stop", "status", "url"],
-        help="url prints a connection URL including the password: for scripts only",
-    )
-    parser.add_argument("--dir", required=True, type=Path, help="cluster base directory")
-    parser.add_argument("--port", type=int, help="TCP port (default: a free one, kept)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds")
-    parser.add_argument("--db", default="postgres", help="database name for `url`")
-    args = parser.parse_args(argv)
-    try:
-        pg = LocalPostgres(args.dir, port=args.port)
-        if args.command == "start":
-            pg.start(timeout=args.timeout)
-        elif args.command == "stop":
-            pg.stop(timeout=args.timeout)
-        elif args.command == "status":
-            running = pg.is_running()
-            print("running" if running else "stopped")
-            return 0 if running else 3
-        else:
-            print(pg.url(args.db))
-    except LocalPostgresError as exc:
-        print(f"localpg: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Building the sync parts from a configuration (shared by the CLI commands and the daemon)."""
+"""Building the agent's parts from a configuration: the one place that knows how (shared by
+the CLI commands and the daemon)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ from pathlib import Path
 from host_agent.config import AgentConfig
 from host_agent.errors import ConfigError
 from host_agent.logging import register_url
-from host_agent.store.schema import FILE_CHANGES, TABLES, LocalTable
-from host_agent.sync.sink import PostgresSink
+from host_agent.store.migrations import prepare_file
+from host_agent.store.tables import FILE_CHANGES, TABLES, LocalTable
+from host_agent.sync.postgres.sink import PostgresSink
 from host_agent.sync.source import LocalSource
 
 
 def table_path(config: AgentConfig, table: LocalTable) -> Path:
     path: Path = getattr(config.database, table.config_key)
     return path
+
+
+def prepare_stores(config: AgentConfig) -> None:
+    """Create and migrate every local SQLite file (blocking)."""
+    for table in TABLES:
+        prepare_file(table_path(config, table), table)
 
 
 def state_path(config: AgentConfig) -> Path:

@@ -22,28 +22,28 @@ from typing import Any
 
 import structlog
 
-from host_agent import systemd
 from host_agent.aio import first_of
 from host_agent.config import AgentConfig
-from host_agent.lock import AgentLock
-from host_agent.observability import (
+from host_agent.daemon import systemd
+from host_agent.daemon.assembly import make_sink, open_sources, state_path, table_path
+from host_agent.daemon.health import (
     AgentMetrics,
     HealthServer,
     collector_errors,
     collector_name,
     collector_state,
 )
+from host_agent.daemon.lock import AgentLock
 from host_agent.store.connection import connect
 from host_agent.store.migrations import prepare_file
 from host_agent.store.retention import SizeLimit, prune_synced
-from host_agent.store.schema import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
+from host_agent.store.tables import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
 from host_agent.store.writer import RowWriter
 from host_agent.sync.engine import SyncEngine
 from host_agent.sync.loop import BackoffPolicy, SyncLoop
 from host_agent.timefmt import iso
-from host_agent.wiring import make_sink, open_sources, state_path, table_path
 
-log = structlog.get_logger("host_agent.agent")
+log = structlog.get_logger("host_agent.daemon.agent")
 HOUSEKEEPING_SECONDS = 15.0
 RETENTION_EVERY_SECONDS = 3600.0
 COLLECTOR_READY_SECONDS = 30.0

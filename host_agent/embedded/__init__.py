@@ -1,0 +1,1 @@
+"""The embedded PostgreSQL: a private cluster the agent starts when no server is configured."""
