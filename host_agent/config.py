@@ -46,6 +46,7 @@ class DatabaseConfig(_Section):
     retention_days: float = Field(30, ge=0)
     max_local_db_mb: float | None = Field(None, gt=0)
     size_limit_policy: Literal["stop_collecting", "drop_oldest_unsynced"] = "stop_collecting"
+    max_buffered_rows: int = Field(100_000, ge=100, le=10_000_000)
 
     @field_validator("desktop_activity_db", "file_events_db")
     @classmethod
@@ -73,6 +74,7 @@ class DataSyncConfig(_Section):
     wake_delay_seconds: float = Field(10, ge=0)
     connect_timeout_seconds: float = Field(10, gt=0)
     command_timeout_seconds: float = Field(120, gt=0)
+    once_deadline_seconds: float = Field(10, gt=0)
 
 
 class MetricsConfig(_Section):

@@ -3,64 +3,59 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 from host_agent.commands.trigger import running_pid
 from host_agent.config import AgentConfig
 from host_agent.daemon.assembly import state_path, table_path
-from host_agent.store.connection import connect
-from host_agent.store.migrations import migrate
-from host_agent.store.tables import NOT_QUARANTINED, TABLES, LocalTable
+from host_agent.store import journal
+from host_agent.store.connection import connect_readonly
+from host_agent.store.faults import store_errors
+from host_agent.store.migrations import inspect_file
+from host_agent.store.tables import TABLES, LocalTable
 from host_agent.timefmt import iso
 from host_agent.urls import redact_url
 
 QUARANTINE_LISTED = 20
 
 
-def _table_status(conn: sqlite3.Connection, table: LocalTable, now: float) -> dict[str, Any]:
-    name = table.name
-    quarantine_join = (
-        f"FROM sync_rejected_rows q JOIN {name} t ON t.id = q.row_id "
-        "AND t.row_version = q.row_version WHERE t.synced_at IS NULL"
-    )
-    quarantined = conn.execute(f"SELECT count(*) {quarantine_join}").fetchone()[0]
-    unsynced_all = conn.execute(
-        f"SELECT count(*) FROM {name} WHERE synced_at IS NULL"
-    ).fetchone()[0]
-    oldest = conn.execute(
-        f"SELECT min({table.time_column}) FROM {name} t "
-        f"WHERE t.synced_at IS NULL AND {NOT_QUARANTINED}"
-    ).fetchone()[0]
-    rejected = [
-        {"row_id": r[0], "error": r[1], "rejected_at": iso(r[2])}
-        for r in conn.execute(
-            f"SELECT q.row_id, q.error, q.rejected_at {quarantine_join} ORDER BY q.row_id LIMIT ?",
-            (QUARANTINE_LISTED,),
-        )
-    ]
-    state = conn.execute(
-        "SELECT last_attempt_at, last_success_at, last_status, last_error, consecutive_failures, "
-        "backoff_seconds, next_attempt_at FROM sync_state WHERE id = 1"
-    ).fetchone()
-    pending_logs = conn.execute("SELECT count(*) FROM sync_runs").fetchone()[0]
-    total = conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+def _table_status(path: Path, table: LocalTable, now: float) -> dict[str, Any]:
+    schema = inspect_file(path, table)
+    if not schema.current:
+        return {
+            "schema_version": schema.version,
+            "note": f"schema version {schema.version}: the agent brings it up to date "
+            f"(version {len(table.migrations)}) when it next starts",
+        }
+    conn = connect_readonly(path)
+    try:
+        with store_errors(path):
+            backlog = journal.backlog(conn, table)
+            state = journal.read_state(conn)
+            rejected = journal.quarantined(conn, table, QUARANTINE_LISTED)
+    finally:
+        conn.close()
+    oldest = backlog.oldest_unsynced
     return {
-        "rows": total,
-        "unsynced": unsynced_all - quarantined,
+        "rows": backlog.rows,
+        "unsynced": backlog.unsynced,
         "oldest_unsynced_age_seconds": None if oldest is None else max(0, round(now - oldest)),
-        "quarantined": quarantined,
-        "quarantined_rows": rejected,
-        "last_attempt_at": iso(state[0]),
-        "last_success_at": iso(state[1]),
-        "last_status": state[2],
-        "last_error": state[3],
-        "pending_sync_logs": pending_logs,
+        "quarantined": backlog.quarantined,
+        "quarantined_rows": [
+            {"row_id": row_id, "error": error, "rejected_at": iso(when)}
+            for row_id, error, when in rejected
+        ],
+        "last_attempt_at": iso(state.last_attempt_at),
+        "last_success_at": iso(state.last_success_at),
+        "last_status": state.last_status,
+        "last_error": state.last_error,
+        "pending_sync_logs": backlog.pending_runs,
         "backoff": {
-            "consecutive_failures": state[4],
-            "backoff_seconds": state[5],
-            "next_attempt_at": iso(state[6]),
+            "consecutive_failures": state.consecutive_failures,
+            "backoff_seconds": state.backoff_seconds,
+            "next_attempt_at": iso(state.next_attempt_at),
         },
     }
 
@@ -79,7 +74,10 @@ def _agent_status(config: AgentConfig) -> dict[str, Any]:
         "running": True,
         "pid": pid,
         "started_at": published.get("started_at"),
+        "server": published.get("server"),
+        "next_sync_at": published.get("next_sync_at"),
         "collectors": published.get("collectors", {}),
+        "stores": published.get("stores", {}),
     }
 
 
@@ -92,21 +90,18 @@ def collect_status(config: AgentConfig) -> dict[str, Any]:
         if not path.exists():  # never create it here: a wrong path would look like "all synced"
             tables[table.name] = {"local_file": str(path.absolute()), "missing": True}
             continue
-        conn = connect(path)
-        try:
-            migrate(conn, table)
-            tables[table.name] = {
-                "local_file": str(path.absolute()),
-                "missing": False,
-                **_table_status(conn, table, now),
-            }
-        finally:
-            conn.close()
+        tables[table.name] = {
+            "local_file": str(path.absolute()),
+            "missing": False,
+            **_table_status(path, table, now),
+        }
     url = config.postgres_url
+    agent = _agent_status(config)
     return {
         "host_identifier": config.host,
-        "postgres_url": redact_url(url) if url else None,
-        "agent": _agent_status(config),
+        # The running agent knows best: it may serve an embedded server the config lacks.
+        "postgres_url": agent.get("server") or (redact_url(url) if url else None),
+        "agent": agent,
         "tables": tables,
     }
 
@@ -123,11 +118,20 @@ def render_status(status: dict[str, Any]) -> str:
     ]
     for name, collector in agent.get("collectors", {}).items():
         lines.append(f"  {name}: {collector['state']}, {collector['errors']} error(s)")
+    for name, store in agent.get("stores", {}).items():
+        if store.get("fault"):
+            lines.append(
+                f"  {name} store: {store['fault']} ({store['buffered_rows']} row(s) kept in "
+                "memory until it takes writes again)"
+            )
     for name, t in status["tables"].items():
         lines.append("")
         lines.append(f"{name}")
         if t["missing"]:
             lines.append(f"  no local file at {t['local_file']} (wrong path or working directory?)")
+            continue
+        if "note" in t:
+            lines.append(f"  {t['note']}")
             continue
         backoff = t["backoff"]
         age = t["oldest_unsynced_age_seconds"]
@@ -148,8 +152,9 @@ def render_status(status: dict[str, Any]) -> str:
                 f"  backing off:       {backoff['consecutive_failures']} failure(s), "
                 f"next attempt {backoff['next_attempt_at']}"
             )
-        elif backoff["next_attempt_at"]:
-            lines.append(f"  next run:          {backoff['next_attempt_at']}")
+        elif agent.get("next_sync_at") or backoff["next_attempt_at"]:
+            next_run = agent.get("next_sync_at") or backoff["next_attempt_at"]
+            lines.append(f"  next run:          {next_run}")
         if t["pending_sync_logs"]:
             lines.append(f"  sync_logs pending: {t['pending_sync_logs']} run(s) kept locally")
     return "\n".join(lines)

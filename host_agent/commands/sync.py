@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from host_agent.config import AgentConfig
-from host_agent.daemon.assembly import make_sink, open_sink, open_sources
-from host_agent.sync.engine import SyncEngine, SyncReport
+import asyncio
 
-ONCE_CONNECT_TIMEOUT = 5.0
-ONCE_MAX_QUICK_RETRIES = 3
-ONCE_MAX_WAIT = 2.0
+from host_agent.config import AgentConfig
+from host_agent.daemon.assembly import open_sync, prepare_stores
+from host_agent.sync.engine import SyncReport
 
 
 async def sync_once(config: AgentConfig, *, retry_rejected: bool = False) -> SyncReport:
-    """Ship everything unsynced now. Gives up quickly when the server is unreachable:
-    a short connect timeout and a few quick retries, well within a minute."""
-    sink = make_sink(
-        config, connect_timeout=min(ONCE_CONNECT_TIMEOUT, config.data_sync.connect_timeout_seconds)
-    )
-    async with open_sources(config) as sources, open_sink(sink):
-        engine = SyncEngine(
-            sources,
-            sink,
-            batch_size=config.data_sync.batch_size,
-            quick_retries=min(config.data_sync.max_retries, ONCE_MAX_QUICK_RETRIES),
-            quick_retry_max_wait=ONCE_MAX_WAIT,
-        )
+    """Ship everything unsynced now. Gives up on a server that cannot be reached or does not
+    answer within `data_sync.once_deadline_seconds`."""
+    await asyncio.to_thread(prepare_stores, config)
+    async with open_sync(config, once=True) as engine:
         if retry_rejected:
             await engine.release_rejected()
         return await engine.sync_all()

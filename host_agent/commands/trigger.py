@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,8 @@ from host_agent.config import AgentConfig
 from host_agent.daemon.assembly import table_path
 from host_agent.daemon.lock import holder_pid, lock_path
 from host_agent.errors import AgentNotRunning, TriggerRefused, TriggerTimedOut
+from host_agent.store import journal
+from host_agent.store.connection import connect_readonly
 from host_agent.store.tables import FILE_CHANGES, TABLES
 
 
@@ -38,16 +39,14 @@ def running_pid(config: AgentConfig) -> int | None:
 def _runs_since(config: AgentConfig, since: float) -> dict[str, tuple[str, str | None]] | None:
     statuses: dict[str, tuple[str, str | None]] = {}
     for table in TABLES:
-        conn = sqlite3.connect(f"file:{table_path(config, table)}?mode=ro", uri=True, timeout=10)
+        conn = connect_readonly(table_path(config, table))
         try:
-            row = conn.execute(
-                "SELECT last_attempt_at, last_status, last_error FROM sync_state WHERE id = 1"
-            ).fetchone()
+            state = journal.read_state(conn)
         finally:
             conn.close()
-        if row is None or row[0] is None or row[0] < since:
+        if state.last_attempt_at is None or state.last_attempt_at < since:
             return None
-        statuses[table.name] = (row[1], row[2])
+        statuses[table.name] = (state.last_status or "unknown", state.last_error)
     return statuses
 
 

@@ -1,10 +1,14 @@
 """The daemon: collectors and the sync loop, started as a stack and unwound in reverse.
 
 Start-up order: the data-directory lock (a second agent exits naming this one's pid), the local
-files, the sink and sync loop, the collectors, the optional health/metrics endpoint; then
-systemd hears READY=1. Signals only set events: SIGTERM/SIGINT set `stop` (orderly shutdown: the
-sync loop finishes or abandons its batch safely, collectors flush, connections close, exit 0);
-SIGUSR1 asks the sync loop to run now. An unexpected exception in any task ends the agent
+files (checked page by page, migrated), the collectors' write queues, the sink and sync loop,
+the collectors, the optional health/metrics endpoint; then systemd hears READY=1. Everything is
+built by `daemon.assembly`. Signals only set events: SIGTERM/SIGINT set `stop` (orderly
+shutdown: the sync loop finishes or abandons its batch safely, collectors flush, the queues
+write what the files take, connections close, exit 0); SIGUSR1 asks the sync loop to run now.
+
+Faults of the machine (a locked or full local file, a lost server or X display) are survived
+where they happen and reported; an unexpected exception in any task (a bug) ends the agent
 loudly.
 """
 
@@ -25,7 +29,15 @@ import structlog
 from host_agent.aio import first_of
 from host_agent.config import AgentConfig
 from host_agent.daemon import systemd
-from host_agent.daemon.assembly import make_sink, open_sources, state_path, table_path
+from host_agent.daemon.assembly import (
+    make_collectors,
+    make_loop,
+    make_queue,
+    open_sync,
+    prepare_stores,
+    state_path,
+    table_path,
+)
 from host_agent.daemon.health import (
     AgentMetrics,
     HealthServer,
@@ -34,19 +46,21 @@ from host_agent.daemon.health import (
     collector_state,
 )
 from host_agent.daemon.lock import AgentLock
+from host_agent.errors import HostAgentError
+from host_agent.store import journal
 from host_agent.store.connection import connect
-from host_agent.store.migrations import prepare_file
-from host_agent.store.retention import SizeLimit, prune_synced
-from host_agent.store.tables import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
-from host_agent.store.writer import RowWriter
-from host_agent.sync.engine import SyncEngine
-from host_agent.sync.loop import BackoffPolicy, SyncLoop
+from host_agent.store.queue import WriteQueue, describe
+from host_agent.store.retention import prune_synced
+from host_agent.store.tables import TABLES, LocalTable
+from host_agent.sync.loop import SyncLoop
 from host_agent.timefmt import iso
+from host_agent.urls import redact_url
 
-log = structlog.get_logger("host_agent.daemon.agent")
+log = structlog.get_logger("host_agent.agent")
 HOUSEKEEPING_SECONDS = 15.0
 RETENTION_EVERY_SECONDS = 3600.0
 COLLECTOR_READY_SECONDS = 30.0
+QUEUE_CLOSE_GRACE_SECONDS = 5.0
 
 
 class Agent:
@@ -57,6 +71,7 @@ class Agent:
         self._held_lock = lock  # already acquired by the caller, who releases it
         self.sync_loop: SyncLoop | None = None
         self.collectors: list[Any] = []
+        self.queues: dict[str, WriteQueue] = {}
         self.metrics = AgentMetrics()
         self.started = asyncio.Event()
         self.started_at = time.time()
@@ -65,55 +80,38 @@ class Agent:
 
     # -- wiring ------------------------------------------------------------------------------
 
-    def _writer(self, table: LocalTable, wake: Callable[[], object]) -> RowWriter:
-        database = self.config.database
-        limit = None
-        if database.max_local_db_mb is not None:
-            limit = SizeLimit(int(database.max_local_db_mb * 2**20), database.size_limit_policy)
+    def _queue(self, table: LocalTable, wake: Callable[[], object]) -> WriteQueue:
         collected = self.metrics.rows_collected.labels(table.name)
-        dropped = self.metrics.rows_dropped.labels(table.name)
 
         def on_commit(inserted: int) -> None:
             collected.inc(inserted)
             wake()
 
-        return RowWriter(
-            table_path(self.config, table),
-            table,
-            on_commit,
-            limit=limit,
-            on_drop=lambda count, _reason: dropped.inc(count),
-        )
+        def on_drop(count: int, reason: str) -> None:
+            self.metrics.rows_dropped.labels(table.name, reason).inc(count)
 
-    def _collectors(self, wake: Callable[[], object]) -> list[tuple[Any, RowWriter]]:
-        built: list[tuple[Any, RowWriter]] = []
-        settings = self.config.collectors
-        if settings.desktop.enabled:
-            from host_agent.collectors.desktop import DesktopActivityCollector
-
-            writer = self._writer(DESKTOP_ACTIVITY, wake)
-            built.append((DesktopActivityCollector(settings.desktop, writer), writer))
-        if settings.filesystem.enabled:
-            from host_agent.collectors.filesystem import FileChangeCollector
-
-            writer = self._writer(FILE_CHANGES, wake)
-            built.append((FileChangeCollector(settings.filesystem, writer), writer))
-        return built
+        queue = make_queue(self.config, table, on_commit, on_drop)
+        self.queues[table.name] = queue
+        return queue
 
     def health(self) -> dict[str, Any]:
         loop = self.sync_loop
+        url = self.config.postgres_url
         return {
             "ready": self.started.is_set(),
             "pid": os.getpid(),
             "started_at": iso(self.started_at),
+            "server": redact_url(url) if url else None,
             "sync_enabled": loop is not None,
             "last_successful_sync": iso(loop.last_success_at) if loop else None,
             "consecutive_failures": loop.consecutive_failures if loop else 0,
             "next_attempt_at": iso(loop.next_attempt_at) if loop else None,
+            "next_sync_at": iso(loop.next_run_at) if loop else None,
             "collectors": {
                 collector_name(c): {"state": collector_state(c), "errors": collector_errors(c)}
                 for c in self.collectors
             },
+            "stores": {name: describe(queue) for name, queue in self.queues.items()},
         }
 
     # -- housekeeping (off the loop thread) --------------------------------------------------
@@ -125,25 +123,31 @@ class Agent:
             and now - self._last_prune >= RETENTION_EVERY_SECONDS
         )
         for table in TABLES:
-            conn = connect(table_path(self.config, table))
             try:
-                if prune:
-                    cutoff = now - self.config.database.retention_days * 86400
-                    deleted = prune_synced(conn, table, cutoff)
-                    if deleted:
-                        log.info("retention.pruned", table=table.name, rows=deleted)
-                unsynced = conn.execute(
-                    f"SELECT count(*) FROM {table.name} WHERE synced_at IS NULL"
-                ).fetchone()[0]
-                self.metrics.unsynced.labels(table.name).set(unsynced)
-            finally:
-                conn.close()
+                self._housekeep_table(table, now, prune)
+            except HostAgentError as exc:  # the file's fault is reported where it matters
+                log.warning("housekeeping.failed", table=table.name, error=str(exc))
         if prune:
             self._last_prune = now
+        for name, queue in self.queues.items():
+            self.metrics.store_buffered.labels(name).set(queue.buffered_rows)
+            self.metrics.store_fault.labels(name).set(1 if queue.fault else 0)
         path = state_path(self.config)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.health()))
         temporary.replace(path)
+
+    def _housekeep_table(self, table: LocalTable, now: float, prune: bool) -> None:
+        conn = connect(table_path(self.config, table))
+        try:
+            if prune:
+                cutoff = now - self.config.database.retention_days * 86400
+                deleted = prune_synced(conn, table, cutoff)
+                if deleted:
+                    log.info("retention.pruned", table=table.name, rows=deleted)
+            self.metrics.unsynced.labels(table.name).set(journal.unsynced_count(conn, table))
+        finally:
+            conn.close()
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -174,52 +178,52 @@ class Agent:
         if slow and not stop.is_set():
             log.warning("agent.collectors_not_ready", collectors=slow)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def _start_sync(
+        self, stack: contextlib.AsyncExitStack, tasks: list[Callable[[], Any]], stop: asyncio.Event
+    ) -> Callable[[], object]:
+        """Build the sync loop; return what wakes it when rows are written (any thread)."""
         loop = asyncio.get_running_loop()
-        sync_settings = self.config.data_sync
+        engine = await stack.enter_async_context(open_sync(self.config, once=False))
+        sync_loop = make_loop(self.config, engine)
+        sync_loop.listeners.append(
+            lambda report, seconds: self.metrics.record_run(
+                report,
+                seconds,
+                sync_loop.consecutive_failures,
+                sync_loop.backoff.ceiling(sync_loop.consecutive_failures),
+            )
+        )
+        # After a run, or when a wake-up brings the next one forward, refresh the backlog
+        # gauges and the published state at once.
+        sync_loop.listeners.append(lambda _report, _seconds: self._housekeep_now.set())
+        sync_loop.schedule_listeners.append(self._housekeep_now.set)
+        self.sync_loop = sync_loop
+        tasks.append(functools.partial(sync_loop.run, stop))
+        return lambda: loop.call_soon_threadsafe(sync_loop.wake)
+
+    async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if self._held_lock is None:
                 lock = data_lock(self.config)
                 lock.acquire()
                 stack.callback(lock.release)
             stack.callback(lambda: state_path(self.config).unlink(missing_ok=True))
-            for table in TABLES:  # housekeeping reads them whether or not sync runs
-                await asyncio.to_thread(prepare_file, table_path(self.config, table), table)
+            # Refuse a damaged, foreign or newer file before anything writes to it.
+            await asyncio.to_thread(prepare_stores, self.config, integrity=True)
             tasks: list[Callable[[], Any]] = [functools.partial(self._housekeeping, stop)]
             wake: Callable[[], object] = lambda: None  # noqa: E731
-            if sync_settings.enabled:
-                sources = await stack.enter_async_context(open_sources(self.config))
-                sink = make_sink(self.config)
-                stack.push_async_callback(sink.close)
-                engine = SyncEngine(
-                    sources,
-                    sink,
-                    batch_size=sync_settings.batch_size,
-                    quick_retries=sync_settings.max_retries,
+            if self.config.data_sync.enabled:
+                wake = await self._start_sync(stack, tasks, stop)
+
+            def queue_for(table: LocalTable) -> WriteQueue:
+                queue = self._queue(table, wake)
+                queue.start()
+                stack.push_async_callback(
+                    asyncio.to_thread, queue.close, QUEUE_CLOSE_GRACE_SECONDS
                 )
-                sync_loop = SyncLoop(
-                    engine,
-                    interval=sync_settings.interval_seconds,
-                    backoff=BackoffPolicy(
-                        sync_settings.retry_backoff_seconds, sync_settings.retry_backoff_max_seconds
-                    ),
-                    wake_delay=sync_settings.wake_delay_seconds,
-                )
-                sync_loop.listeners.append(
-                    lambda report, seconds: self.metrics.record_run(
-                        report,
-                        seconds,
-                        sync_loop.consecutive_failures,
-                        sync_loop.backoff.ceiling(sync_loop.consecutive_failures),
-                    )
-                )
-                # After a run, refresh the backlog gauges and the published state at once.
-                sync_loop.listeners.append(lambda _report, _seconds: self._housekeep_now.set())
-                self.sync_loop = sync_loop
-                wake = lambda: loop.call_soon_threadsafe(sync_loop.wake)  # noqa: E731
-                tasks.append(functools.partial(sync_loop.run, stop))
-            for collector, writer in self._collectors(wake):
-                stack.callback(writer.close)
+                return queue
+
+            for collector in make_collectors(self.config, queue_for):
                 self.collectors.append(collector)
                 tasks.append(functools.partial(collector.run, stop))
             self.metrics.watch_collectors(lambda: self.collectors)
@@ -236,7 +240,7 @@ class Agent:
                     "agent.started",
                     host=self.config.host,
                     pid=os.getpid(),
-                    sync=sync_settings.enabled,
+                    sync=self.config.data_sync.enabled,
                     collectors=[collector_name(c) for c in self.collectors],
                 )
                 self.started.set()

@@ -1,19 +1,34 @@
-"""Building the agent's parts from a configuration: the one place that knows how (shared by
-the CLI commands and the daemon)."""
+"""Building the agent's parts from a configuration: the one place that knows how.
+
+`run` (the daemon) and the one-shot commands (`sync --once`, `init-db`, `status`,
+`trigger-sync`) all get their store files, sync engine and collectors from here, so a setting
+means the same thing everywhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from host_agent.config import AgentConfig
 from host_agent.errors import ConfigError
 from host_agent.logging import register_url
+from host_agent.retry import RetryPolicy
 from host_agent.store.migrations import prepare_file
-from host_agent.store.tables import FILE_CHANGES, TABLES, LocalTable
+from host_agent.store.queue import WriteQueue
+from host_agent.store.retention import SizeLimit
+from host_agent.store.tables import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
+from host_agent.store.writer import RowWriter
+from host_agent.sync.engine import SyncEngine
+from host_agent.sync.loop import SyncLoop
 from host_agent.sync.postgres.sink import PostgresSink
 from host_agent.sync.source import LocalSource
+
+# `sync --once` gives up sooner than the daemon, which has all the time in the world.
+ONCE_RETRY_POLICY = RetryPolicy(base=0.5, cap=2.0)
+DAEMON_RETRY_POLICY = RetryPolicy(base=0.5, cap=5.0)
 
 
 def table_path(config: AgentConfig, table: LocalTable) -> Path:
@@ -21,15 +36,16 @@ def table_path(config: AgentConfig, table: LocalTable) -> Path:
     return path
 
 
-def prepare_stores(config: AgentConfig) -> None:
-    """Create and migrate every local SQLite file (blocking)."""
-    for table in TABLES:
-        prepare_file(table_path(config, table), table)
-
-
 def state_path(config: AgentConfig) -> Path:
     """Where the running agent publishes its state for `host-agent status`."""
     return table_path(config, FILE_CHANGES).absolute().parent / "host-agent.state.json"
+
+
+def prepare_stores(config: AgentConfig, *, integrity: bool = False) -> None:
+    """Check, create and migrate every local SQLite file (blocking). With `integrity`, every
+    page is read first, so a damaged file is refused before anything uses it."""
+    for table in TABLES:
+        prepare_file(table_path(config, table), table, integrity=integrity)
 
 
 def require_url(config: AgentConfig) -> str:
@@ -44,32 +60,82 @@ def require_url(config: AgentConfig) -> str:
     return url
 
 
-def make_sink(config: AgentConfig, *, connect_timeout: float | None = None) -> PostgresSink:
+def make_sink(config: AgentConfig) -> PostgresSink:
     sync = config.data_sync
     return PostgresSink(
         require_url(config),
         config.host,
-        connect_timeout=connect_timeout or sync.connect_timeout_seconds,
+        connect_timeout=sync.connect_timeout_seconds,
         command_timeout=sync.command_timeout_seconds,
     )
 
 
 @contextlib.asynccontextmanager
-async def open_sources(config: AgentConfig) -> AsyncIterator[list[LocalSource]]:
-    """Open (creating and migrating) every local table's file; close them on exit."""
+async def open_sync(config: AgentConfig, *, once: bool) -> AsyncIterator[SyncEngine]:
+    """The sync engine over every local table, with its sink; all closed on exit. `once`:
+    for `sync --once`, which gives up on an unreachable server within
+    `data_sync.once_deadline_seconds`."""
+    sync = config.data_sync
     async with contextlib.AsyncExitStack() as stack:
         sources = []
         for table in TABLES:
             source = LocalSource(table_path(config, table), table)
-            await source.open()
             stack.push_async_callback(source.close)
+            await source.open()
             sources.append(source)
-        yield sources
+        sink = make_sink(config)
+        stack.push_async_callback(sink.close)
+        yield SyncEngine(
+            sources,
+            sink,
+            batch_size=sync.batch_size,
+            quick_retries=sync.max_retries,
+            retry_policy=ONCE_RETRY_POLICY if once else DAEMON_RETRY_POLICY,
+            deadline_seconds=sync.once_deadline_seconds if once else None,
+        )
 
 
-@contextlib.asynccontextmanager
-async def open_sink(sink: PostgresSink) -> AsyncIterator[PostgresSink]:
-    try:
-        yield sink
-    finally:
-        await sink.close()
+def make_loop(config: AgentConfig, engine: SyncEngine) -> SyncLoop:
+    sync = config.data_sync
+    return SyncLoop(
+        engine,
+        interval=sync.interval_seconds,
+        backoff=RetryPolicy(sync.retry_backoff_seconds, sync.retry_backoff_max_seconds),
+        wake_delay=sync.wake_delay_seconds,
+    )
+
+
+def make_queue(
+    config: AgentConfig,
+    table: LocalTable,
+    on_commit: Callable[[int], object],
+    on_drop: Callable[[int, str], object],
+) -> WriteQueue:
+    """The write queue a collector of `table` writes through (not yet started)."""
+    database = config.database
+    limit = None
+    if database.max_local_db_mb is not None:
+        limit = SizeLimit(int(database.max_local_db_mb * 2**20), database.size_limit_policy)
+    writer = RowWriter(table_path(config, table), table, on_commit, limit=limit, on_drop=on_drop)
+    return WriteQueue(writer, max_buffered_rows=database.max_buffered_rows, on_drop=on_drop)
+
+
+def make_collectors(
+    config: AgentConfig, queue_for: Callable[[LocalTable], WriteQueue]
+) -> list[Any]:
+    """The enabled collectors, each with the write queue of its table."""
+    settings = config.collectors
+    built: list[Any] = []
+    if settings.desktop.enabled:
+        from host_agent.collectors.desktop import DesktopActivityCollector
+
+        built.append(
+            DesktopActivityCollector(settings.desktop, queue_for(DESKTOP_ACTIVITY))  # type: ignore[arg-type]
+        )
+    if settings.filesystem.enabled:
+        from host_agent.collectors.filesystem import FileChangeCollector
+
+        built.append(
+            FileChangeCollector(settings.filesystem, queue_for(FILE_CHANGES))  # type: ignore[arg-type]
+        )
+    return built

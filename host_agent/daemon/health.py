@@ -41,7 +41,21 @@ class AgentMetrics:
         )
         self.rows_dropped = Counter(
             "host_agent_rows_dropped",
-            "Rows dropped because the local database reached max_local_db_mb",
+            "Rows never stored locally, by reason: local_database_full (max_local_db_mb), "
+            "buffer_full (max_buffered_rows waited while the file refused writes), shutdown "
+            "(the file still refused writes when the agent stopped)",
+            ["table", "reason"],
+            registry=r,
+        )
+        self.store_buffered = Gauge(
+            "host_agent_store_buffered_rows",
+            "Collected rows waiting in memory for the local file to take writes",
+            ["table"],
+            registry=r,
+        )
+        self.store_fault = Gauge(
+            "host_agent_store_fault",
+            "1 while the local file refuses writes (locked, disk full, I/O error)",
             ["table"],
             registry=r,
         )

@@ -1,9 +1,23 @@
-"""Opening local SQLite files with the settings every host-agent connection shares."""
+"""Opening local SQLite files with the settings every host-agent connection shares, and
+using one from asyncio without blocking the loop.
+
+Every error that escapes a connection here is a `StoreError` naming the file
+(`host_agent.store.faults`), except a row refused for a constraint.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
+
+from host_agent.errors import StoreClosed
+from host_agent.store.faults import store_errors
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -17,26 +31,111 @@ PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
-def apply_pragmas(conn: sqlite3.Connection) -> None:
-    for pragma in PRAGMAS:
+
+def apply_pragmas(conn: sqlite3.Connection, *extra: str) -> None:
+    for pragma in (*PRAGMAS, *extra):
         conn.execute(pragma)
 
 
-def connect(path: Path | str, *, any_thread: bool = False) -> sqlite3.Connection:
-    """Open `path` (creating its directory) in autocommit mode with WAL and a busy timeout.
+def connect(path: Path | str, *, any_thread: bool = False, extra: tuple[str, ...] = ()) -> (
+    sqlite3.Connection
+):
+    """Open `path` (creating it and its directory) in autocommit mode with WAL and a busy
+    timeout.
 
     Autocommit (`isolation_level=None`) means callers open transactions explicitly with
     `BEGIN`; nothing is committed behind their back. `any_thread=True` lifts sqlite3's
     same-thread check; the caller must then serialise use of the connection itself.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        path,
-        isolation_level=None,
-        timeout=BUSY_TIMEOUT_MS / 1000,
-        check_same_thread=not any_thread,
-    )
-    apply_pragmas(conn)
+    with store_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=not any_thread,
+        )
+        try:
+            apply_pragmas(conn, *extra)
+        except BaseException:
+            conn.close()
+            raise
     return conn
+
+
+def connect_readonly(path: Path | str) -> sqlite3.Connection:
+    """Open an existing file for reading only: nothing is created, migrated or written."""
+    path = Path(path)
+    with store_errors(path):
+        conn = sqlite3.connect(
+            f"file:{path.absolute()}?mode=ro", uri=True, isolation_level=None,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Roll back an open transaction, if SQLite has not already done so itself (it does after
+    a full disk or an I/O error); never raise over the error that brought us here."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+class AsyncConnection:
+    """One sqlite3 connection owned by one worker thread, used from asyncio.
+
+    `await run(fn, *args)` calls `fn(connection, *args)` on that thread; SQLite errors come
+    back translated (`StoreError` naming the file). Lifecycle: `open()` -> `run()`... ->
+    `close()`; closing twice is harmless, use after close raises `StoreClosed`.
+    """
+
+    def __init__(self, path: Path | str, *extra_pragmas: str, name: str = "sqlite") -> None:
+        self.path = Path(path)
+        self._extra = extra_pragmas
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    async def open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"connection to {self.path} is closed")
+        if self._conn is None:
+            self._conn = await self._on_thread(
+                lambda: connect(self.path, extra=self._extra)
+            )
+
+    async def _on_thread(self, call: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, call)
+
+    async def run(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StoreClosed(f"connection to {self.path} is not open")
+
+        def call() -> T:
+            with store_errors(self.path):
+                return fn(conn, *args, **kwargs)
+
+        return await self._on_thread(call)
+
+    async def close(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._on_thread(conn.close)
+        self._executor.shutdown(wait=False)

@@ -21,12 +21,6 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# True for a row of table alias `t` that is not in quarantine at its current version.
-NOT_QUARANTINED = (
-    "NOT EXISTS (SELECT 1 FROM sync_rejected_rows q "
-    "WHERE q.row_id = t.id AND q.row_version = t.row_version)"
-)
-
 Step = str | Callable[[sqlite3.Connection], None]
 
 

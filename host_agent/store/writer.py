@@ -1,35 +1,48 @@
-"""The one way collectors write rows: batched inserts and updates on a thread-owned connection."""
+"""RowWriter: inserts and updates of one local table, in transactions, on a caller's thread.
+
+Collectors do not use it directly: they hand rows to a `WriteQueue` (`store.queue`), whose
+thread writes through a RowWriter and keeps the rows while the file refuses them. Tests and
+tools that need rows in a file now use it as it is.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from host_agent.errors import StoreClosed
-from host_agent.store.connection import connect
-from host_agent.store.migrations import migrate
+from host_agent.store.connection import connect, rollback_quietly
+from host_agent.store.faults import store_errors
+from host_agent.store.migrations import prepare_file
 from host_agent.store.retention import SizeLimit, make_room
 from host_agent.store.tables import LocalTable
 
 Row = Mapping[str, object]
 log = structlog.get_logger("host_agent.store")
 
+REASON_DATABASE_FULL = "local_database_full"  # max_local_db_mb reached
+
 
 class RowWriter:
     """Writes rows of one local table. Blocking: call it from a worker thread, never the loop.
 
-    Calls are serialised by a lock, so any thread may write or close; a collector normally
-    keeps one writer on its own worker thread. `on_commit(inserted)`, if given, is called after
-    every commit that changed rows (the agent uses it to wake the sync loop and count rows);
-    it must be cheap and thread-safe. With a `limit`, inserts first make room (see
-    `retention.make_room`); rows dropped for it are counted in `dropped_rows`, logged loudly
-    and reported to `on_drop(count, reason)`. Closing twice is harmless; writing after close
-    raises `StoreClosed`.
+    Calls are serialised by a lock, so any thread may write or close. `on_commit(inserted)`,
+    if given, is called after every commit that changed rows (the agent uses it to wake the
+    sync loop and count rows); it must be cheap and thread-safe. With a `limit`, inserts first
+    make room (see `retention.make_room`); rows dropped for it are counted in `dropped_rows`,
+    logged loudly one line each and reported to `on_drop(count, reason)`.
+
+    Errors: a fault of the file is a `StoreError` naming it (`store.faults`), and the
+    transaction is rolled back (nothing half-written); a row SQLite refuses for a constraint
+    raises `sqlite3.IntegrityError` untranslated. Closing twice is harmless; writing after
+    close raises `StoreClosed`. The file is checked and brought up to date
+    (`migrations.prepare_file`) when the writer first connects.
     """
 
     def __init__(
@@ -44,7 +57,7 @@ class RowWriter:
         self.path = Path(path)
         self.table = table
         self._on_commit = on_commit
-        self._limit = limit
+        self.limit = limit
         self._on_drop = on_drop
         self.dropped_rows = 0
         self._conn: sqlite3.Connection | None = None
@@ -55,80 +68,46 @@ class RowWriter:
         if self._closed:
             raise StoreClosed(f"writer for {self.table.name} is closed")
         if self._conn is None:
+            prepare_file(self.path, self.table)  # a no-op for a file already current
             self._conn = connect(self.path, any_thread=True)
-            migrate(self._conn, self.table)
         return self._conn
 
     def insert_many(self, rows: Sequence[Row]) -> list[int]:
-        """Insert `rows` (dicts of column -> value) in one transaction; return their ids."""
+        """Insert `rows` (dicts of column -> value) in one transaction; return their ids
+        (fewer than given when the size limit refused some)."""
         if not rows:
             return []
-        with self._lock:
-            return self._insert_many(rows)
-
-    def _insert_many(self, rows: Sequence[Row]) -> list[int]:
-        conn = self._connection()
-        ids: list[int] = []
-        # (local id or None, the row's time column value, why), one per dropped row
-        dropped: list[tuple[int | None, Any, str]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if self._limit is not None:
-                allowed, evicted = make_room(conn, self.table, self._limit, len(rows))
-                dropped += [
-                    (i, t, "oldest unsynced row deleted: local database full") for i, t in evicted
-                ]
-                if allowed < len(rows):
-                    time_column = self.table.time_column
-                    dropped += [
-                        (None, row.get(time_column), "new row not stored: local database full")
-                        for row in rows[allowed:]
-                    ]
-                    rows = rows[:allowed]
-            for row in rows:
-                columns = ", ".join(row)
-                marks = ", ".join("?" for _ in row)
-                cur = conn.execute(
-                    f"INSERT INTO {self.table.name} ({columns}) VALUES ({marks})",
-                    tuple(row.values()),
-                )
-                assert cur.lastrowid is not None
-                ids.append(cur.lastrowid)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if dropped:
-            self._dropped(dropped)
-        if ids:
-            self._committed(len(ids))
-        return ids
+        with self.transaction() as tx:
+            ids = tx.insert(rows)
+        return [i for i in ids if i is not None]
 
     def update(self, row_id: int, values: Row) -> None:
         """Change columns of one row. The row gets a new version and is shipped again."""
         self.update_many([(row_id, values)])
 
     def update_many(self, changes: Sequence[tuple[int, Row]]) -> None:
-        if not changes:
-            return
-        with self._lock:
-            self._update_many(changes)
+        if changes:
+            with self.transaction() as tx:
+                tx.update(changes)
 
-    def _update_many(self, changes: Sequence[tuple[int, Row]]) -> None:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for row_id, values in changes:
-                assignments = ", ".join(f"{column} = ?" for column in values)
-                conn.execute(
-                    f"UPDATE {self.table.name} SET {assignments} WHERE id = ?",
-                    (*values.values(), row_id),
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        self._committed(0)
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction: committed when the block ends, rolled back (nothing
+        half-written) when it raises."""
+        with self._lock:
+            conn = self._connection()
+            tx = Transaction(self, conn)
+            with store_errors(self.path):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield tx
+                    conn.execute("COMMIT")
+                except BaseException:
+                    rollback_quietly(conn)
+                    raise
+        if tx.dropped:
+            self._dropped(tx.dropped)
+        self._committed(tx.inserted)
 
     def _committed(self, inserted: int) -> None:
         if self._on_commit is not None:
@@ -137,9 +116,8 @@ class RowWriter:
     def _dropped(self, dropped: Sequence[tuple[int | None, Any, str]]) -> None:
         """One loud line per dropped row (what was lost, and when it happened), then count."""
         self.dropped_rows += len(dropped)
-        limit_mb = round(self._limit.max_bytes / 2**20, 1) if self._limit else None
-        policy = self._limit.policy if self._limit else None
-        by_reason: dict[str, int] = {}
+        limit_mb = round(self.limit.max_bytes / 2**20, 1) if self.limit else None
+        policy = self.limit.policy if self.limit else None
         for row_id, when, reason in dropped:
             log.error(
                 "store.row_dropped",
@@ -150,10 +128,8 @@ class RowWriter:
                 limit_mb=limit_mb,
                 policy=policy,
             )
-            by_reason[reason] = by_reason.get(reason, 0) + 1
         if self._on_drop is not None:
-            for reason, count in by_reason.items():
-                self._on_drop(count, reason)
+            self._on_drop(len(dropped), REASON_DATABASE_FULL)
 
     def close(self) -> None:
         with self._lock:
@@ -161,3 +137,49 @@ class RowWriter:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+class Transaction:
+    """The writes of one `RowWriter.transaction()`."""
+
+    def __init__(self, writer: RowWriter, conn: sqlite3.Connection) -> None:
+        self._writer = writer
+        self._conn = conn
+        self.inserted = 0
+        # (local id or None, the row's time column value, why), one per dropped row
+        self.dropped: list[tuple[int | None, Any, str]] = []
+
+    def insert(self, rows: Sequence[Row]) -> list[int | None]:
+        """Insert `rows`; their ids, None for a row the size limit refused."""
+        conn, table, limit = self._conn, self._writer.table, self._writer.limit
+        allowed = len(rows)
+        if limit is not None:
+            allowed, evicted = make_room(conn, table, limit, len(rows))
+            self.dropped += [
+                (i, t, "oldest unsynced row deleted: local database full") for i, t in evicted
+            ]
+            time_column = table.time_column
+            self.dropped += [
+                (None, row.get(time_column), "new row not stored: local database full")
+                for row in rows[allowed:]
+            ]
+        ids: list[int | None] = []
+        for row in rows[:allowed]:
+            columns = ", ".join(row)
+            marks = ", ".join("?" for _ in row)
+            cur = conn.execute(
+                f"INSERT INTO {table.name} ({columns}) VALUES ({marks})", tuple(row.values())
+            )
+            assert cur.lastrowid is not None
+            ids.append(cur.lastrowid)
+        self.inserted += allowed
+        return ids + [None] * (len(rows) - allowed)
+
+    def update(self, changes: Sequence[tuple[int, Row]]) -> None:
+        """Set columns of existing rows: (row id, column -> value)."""
+        name = self._writer.table.name
+        for row_id, values in changes:
+            assignments = ", ".join(f"{column} = ?" for column in values)
+            self._conn.execute(
+                f"UPDATE {name} SET {assignments} WHERE id = ?", (*values.values(), row_id)
+            )

@@ -1,10 +1,20 @@
 """SyncEngine: one sync run over every local table.
 
-A run connects (a few quick retries with full-jitter exponential waits), writes the journal of
-earlier runs that never reached `sync_logs`, then ships each table batch by batch: read the
-next batch (the one after it is read while this one is written), write it in one PostgreSQL
-transaction, then mark it in SQLite in one transaction. A run records one journal entry per
-table, kept locally until PostgreSQL has it.
+A run connects, writes the journal of earlier runs that never reached `sync_logs`, then ships
+each table batch by batch: read the next batch (the one after it is read while this one is
+written), write it in one server transaction, then mark it in SQLite in one transaction. A
+run records one journal entry per table, kept locally until the server has it.
+
+Faults, and what a run does about them:
+- the server is lost at any point (connect, between batches or tables, mid-batch, marking):
+  reconnect and carry on from the last committed batch, within the run's quick-retry budget
+  (`Attempts`: `quick_retries` failures in a row, waits from the retry policy, and for
+  `sync --once` an overall deadline); past it the table fails with the real cause;
+- the server refuses rows: they are quarantined and the rest flows on (the sink isolates them);
+- the local file is locked, full or failing: that table's run fails saying so, the others go
+  on; a run entry that cannot be journalled is held in memory and written later (to the file
+  once it takes writes again, or straight to `sync_logs`).
+`sync_all` never raises a `HostAgentError`: every failure is in the report.
 """
 
 from __future__ import annotations
@@ -16,21 +26,20 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
-from host_agent.errors import SinkError, SinkUnavailable
+from host_agent.errors import HostAgentError, SinkError, StoreError
 from host_agent.logging import redact
+from host_agent.retry import RetryPolicy
+from host_agent.store.journal import Outcome
 from host_agent.sync.postgres.plan import TablePlan
-from host_agent.sync.postgres.sink import PostgresSink, Rejection, SyncRunRecord
-from host_agent.sync.source import Batch, LocalSource
+from host_agent.sync.postgres.sink import PostgresSink
+from host_agent.sync.records import ReadBatch, Rejection, RunRecord
+from host_agent.sync.source import LocalSource
 
 T = TypeVar("T")
 LOGGED_REJECTIONS_PER_BATCH = 10
+HELD_RUNS_PER_TABLE = 1000  # run entries kept in memory while the local file refuses them
+QUICK_RETRY_POLICY = RetryPolicy(base=0.5, cap=5.0)
 
 
 @dataclass
@@ -38,7 +47,7 @@ class TableResult:
     table: str
     synced: int = 0
     failed: int = 0
-    error: SinkError | None = None
+    error: HostAgentError | None = None
     interrupted: bool = False  # stopped for shutdown with rows left to ship
     started_at: float = field(default_factory=time.time)
     completed_at: float | None = None
@@ -53,7 +62,7 @@ class TableResult:
             return "partial_success"
         return "failed"
 
-    def record(self) -> SyncRunRecord:
+    def record(self) -> RunRecord:
         message = None
         if self.error is not None:
             message = redact(str(self.error))
@@ -63,7 +72,7 @@ class TableResult:
                 message += f"; {self.failed} row(s) rejected and quarantined"
         elif self.failed:
             message = f"{self.failed} row(s) rejected by PostgreSQL and quarantined locally"
-        return SyncRunRecord(
+        return RunRecord(
             table_name=self.table,
             started_at=self.started_at,
             completed_at=self.completed_at,
@@ -73,18 +82,27 @@ class TableResult:
             error_message=message,
         )
 
+    def outcome(self) -> Outcome:
+        record = self.record()
+        return Outcome(
+            attempted_at=self.started_at,
+            status=record.status,
+            error=record.error_message,
+            succeeded_at=self.completed_at if self.error is None else None,
+        )
+
 
 @dataclass
 class SyncReport:
     tables: list[TableResult]
-    error: SinkError | None = None
+    error: HostAgentError | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None and all(t.error is None for t in self.tables)
 
     @property
-    def first_error(self) -> SinkError | None:
+    def first_error(self) -> HostAgentError | None:
         if self.error is not None:
             return self.error
         return next((t.error for t in self.tables if t.error is not None), None)
@@ -100,17 +118,49 @@ class SyncReport:
 
 @dataclass(frozen=True)
 class Prepared:
-    batch: Batch
+    batch: ReadBatch
     records: list[tuple[Any, ...]]
     refused: list[Rejection]
+
+
+class Attempts:
+    """A run's budget for reaching the server: `limit` failures in a row (progress starts the
+    count again), waits from `policy`, and no wait or connect past `deadline` (monotonic)."""
+
+    def __init__(self, limit: int, policy: RetryPolicy, deadline: float | None) -> None:
+        self.limit = limit
+        self.policy = policy
+        self.deadline = deadline
+        self.failures = 0
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def progressed(self) -> None:
+        self.failures = 0
+
+    def next_wait(self) -> float | None:
+        """Count a failure; the wait before the next try, or None when the budget is spent."""
+        self.failures += 1
+        if self.failures > self.limit:
+            return None
+        wait = self.policy.delay(self.failures)
+        left = self.remaining()
+        if left is not None and wait >= left:
+            return None
+        return wait
+
+
+async def _connected() -> None:
+    """The operation of a try that only needs the connection (`_with_retries` opens it)."""
 
 
 async def finish_even_if_cancelled(awaitable: Awaitable[T]) -> T:
     """Await `awaitable` to completion even if the caller is cancelled meanwhile.
 
-    Used for the local marking after a PostgreSQL commit: abandoning it would leave the
-    server ahead of SQLite (harmless thanks to upserts, but wasteful), and a half-finished
-    SQLite transaction is never an option."""
+    Used for the local marking after a server commit: abandoning it would leave the server
+    ahead of SQLite (harmless thanks to upserts, but wasteful), and a half-finished SQLite
+    transaction is never an option."""
     task = asyncio.ensure_future(awaitable)
     try:
         return await asyncio.shield(task)
@@ -120,7 +170,10 @@ async def finish_even_if_cancelled(awaitable: Awaitable[T]) -> T:
 
 
 class SyncEngine:
-    """Runs sync passes. The caller owns the sources and the sink and closes them."""
+    """Runs sync passes. The caller owns the sources and the sink and closes them.
+
+    `deadline_seconds` bounds how long a run keeps trying to reach a server that does not
+    answer (None: only `quick_retries` bounds it)."""
 
     def __init__(
         self,
@@ -129,43 +182,72 @@ class SyncEngine:
         *,
         batch_size: int,
         quick_retries: int,
-        quick_retry_max_wait: float = 5.0,
+        retry_policy: RetryPolicy = QUICK_RETRY_POLICY,
+        deadline_seconds: float | None = None,
         log: Any = None,
     ) -> None:
         self.sources = list(sources)
         self.sink = sink
         self.batch_size = batch_size
         self.quick_retries = quick_retries
-        self.quick_retry_max_wait = quick_retry_max_wait
+        self.retry_policy = retry_policy
+        self.deadline_seconds = deadline_seconds
         self.log = log or structlog.get_logger("host_agent.sync")
         self._plans: dict[str, TablePlan] = {}
+        self._held: dict[str, list[tuple[RunRecord, Outcome]]] = {}
 
-    async def _with_quick_retries(self, operation: Callable[[], Awaitable[T]]) -> T:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.quick_retries + 1),
-            wait=wait_random_exponential(multiplier=0.5, max=self.quick_retry_max_wait),
-            retry=retry_if_exception_type(SinkUnavailable),
-            reraise=True,
-            before_sleep=lambda state: self.log.warning(
-                "sync.retrying",
-                attempt=state.attempt_number,
-                error=str(state.outcome.exception()) if state.outcome else None,
-            ),
+    # -- reaching the server ---------------------------------------------------------------
+
+    def _attempts(self) -> Attempts:
+        deadline = None
+        if self.deadline_seconds is not None:
+            deadline = time.monotonic() + self.deadline_seconds
+        return Attempts(self.quick_retries, self.retry_policy, deadline)
+
+    async def _connect(self, attempts: Attempts) -> None:
+        left = attempts.remaining()
+        await self.sink.open(connect_timeout=left)
+
+    async def _retry(self, attempts: Attempts, exc: HostAgentError, where: str) -> bool:
+        """After `exc`: wait and return True when another try is allowed."""
+        if not exc.retryable:
+            return False
+        wait = attempts.next_wait()
+        if wait is None:
+            return False
+        self.log.warning(
+            "sync.retrying",
+            where=where,
+            attempt=attempts.failures,
+            retry_in_seconds=round(wait, 2),
+            error=str(exc),
         )
-        async for attempt in retrying:
-            with attempt:
-                return await operation()
-        raise AssertionError("unreachable")  # pragma: no cover
+        await asyncio.sleep(wait)
+        return True
 
-    async def _open(self) -> None:
-        await self._with_quick_retries(self.sink.open)
+    async def _with_retries(
+        self, attempts: Attempts, where: str, operation: Callable[[], Awaitable[T]]
+    ) -> T:
+        while True:
+            try:
+                await self._connect(attempts)
+                result = await operation()
+            except SinkError as exc:
+                if await self._retry(attempts, exc, where):
+                    continue
+                raise
+            attempts.progressed()
+            return result
+
+    # -- a run -------------------------------------------------------------------------------
 
     async def sync_all(self, stop: asyncio.Event | None = None) -> SyncReport:
-        """One run over every table. Never raises a SinkError: it is in the report."""
+        """One run over every table. Never raises a HostAgentError: it is in the report."""
         started = time.time()
+        attempts = self._attempts()
+        self._plans.clear()  # the server's tables may have changed since the last run
         try:
-            await self._open()
-            await self.flush_journal()
+            await self._with_retries(attempts, "connect", _connected)
         except SinkError as exc:
             self.log.warning("sync.unavailable", error=str(exc), kind=type(exc).__name__)
             results = [
@@ -175,11 +257,12 @@ class SyncEngine:
             for source, result in zip(self.sources, results, strict=True):
                 await self._finish_table(source, result)
             return SyncReport(results, error=exc)
+        await self._flush_journal_quietly(attempts)
         results = []
         for source in self.sources:
             if stop is not None and stop.is_set():
                 break
-            result = await self._sync_table(source, stop)
+            result = await self._sync_table(source, stop, attempts)
             results.append(result)
             await self._finish_table(source, result)
             self.log.info(
@@ -189,25 +272,34 @@ class SyncEngine:
                 synced=result.synced,
                 failed=result.failed,
                 seconds=round((result.completed_at or time.time()) - result.started_at, 3),
+                **({"error": str(result.error)} if result.error is not None else {}),
             )
-        try:
-            await self.flush_journal()
-        except SinkError as exc:
-            self.log.warning("sync.journal_deferred", error=str(exc))
+        await self._flush_journal_quietly(attempts)
         return SyncReport(results)
 
     async def _finish_table(self, source: LocalSource, result: TableResult) -> None:
-        """Journal the run and remember its outcome for `host-agent status`."""
-        record = result.record()
-        await source.record_run(record)
-        state: dict[str, object] = {
-            "last_attempt_at": result.started_at,
-            "last_status": record.status,
-            "last_error": record.error_message,
-        }
-        if result.error is None:
-            state["last_success_at"] = result.completed_at
-        await source.save_state(**state)
+        """Journal the run and remember its outcome for `host-agent status`; when the local
+        file refuses, hold both in memory for a later run."""
+        entry = (result.record(), result.outcome())
+        try:
+            await self._write_held(source)
+            await source.finish_run(*entry)
+        except StoreError as exc:
+            held = self._held.setdefault(source.table.name, [])
+            held.append(entry)
+            del held[:-HELD_RUNS_PER_TABLE]
+            self.log.warning(
+                "sync.journal_held_in_memory",
+                table=source.table.name,
+                runs=len(held),
+                error=str(exc),
+            )
+
+    async def _write_held(self, source: LocalSource) -> None:
+        held = self._held.get(source.table.name)
+        while held:
+            await source.finish_run(*held[0])
+            held.pop(0)
 
     async def _plan(self, source: LocalSource) -> TablePlan:
         plan = self._plans.get(source.table.name)
@@ -216,40 +308,44 @@ class SyncEngine:
             self._plans[source.table.name] = plan
         return plan
 
-    async def _sync_table(self, source: LocalSource, stop: asyncio.Event | None) -> TableResult:
+    async def _sync_table(
+        self, source: LocalSource, stop: asyncio.Event | None, attempts: Attempts
+    ) -> TableResult:
         result = TableResult(source.table.name)
-        reconnects = 0
         cursor = 0
         while True:
             try:
-                cursor = await self._ship_from(source, cursor, result, stop)
+                await self._connect(attempts)
+                cursor = await self._ship_from(source, cursor, result, stop, attempts)
                 break
-            except SinkUnavailable as exc:
-                reconnects += 1
-                self.log.warning("sync.connection_lost", table=result.table, error=str(exc))
-                if reconnects > self.quick_retries:
-                    result.error = exc
-                    break
-                try:
-                    await self._open()
-                except SinkError as again:
-                    result.error = again
-                    break
             except SinkError as exc:
+                self.log.warning("sync.connection_lost", table=result.table, error=str(exc))
+                if await self._retry(attempts, exc, result.table):
+                    continue
+                result.error = exc
+                break
+            except StoreError as exc:
+                self.log.warning("sync.local_fault", table=result.table, error=str(exc))
                 result.error = exc
                 break
         result.completed_at = time.time()
         return result
 
     async def _ship_from(
-        self, source: LocalSource, cursor: int, result: TableResult, stop: asyncio.Event | None
+        self,
+        source: LocalSource,
+        cursor: int,
+        result: TableResult,
+        stop: asyncio.Event | None,
+        attempts: Attempts,
     ) -> int:
-        """Ship batches after `cursor`; return the last id handled. Raises SinkError.
+        """Ship batches after `cursor`; return the last id handled. Raises SinkError or
+        StoreError.
 
         Three stages overlap: a producer reads and converts batch N+1 while batch N is on the
         wire, and batch N-1 is marked in SQLite meanwhile. A batch is marked only after its
-        PostgreSQL commit; at most one marking is in flight and it is always awaited, even
-        when this coroutine is cancelled or the connection fails.
+        server commit; at most one marking is in flight and it is always awaited, even when
+        this coroutine is cancelled or the connection fails.
         """
         plan = await self._plan(source)
         ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
@@ -262,14 +358,19 @@ class SyncEngine:
                     await ready.put(None)
                     return
                 records, refused = plan.prepare(batch.rows)
-                await ready.put(Prepared(batch, records, [Rejection(*r) for r in refused]))
-                after = batch.last_id
+                await ready.put(Prepared(batch, records, refused))
+                after = batch.span.last_id
 
         producer = asyncio.ensure_future(produce())
         marking: asyncio.Future[None] | None = None
         try:
             while True:
-                item = await ready.get()
+                getting = asyncio.ensure_future(ready.get())
+                await asyncio.wait({getting, producer}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():  # the producer failed (a local fault): say why
+                    getting.cancel()
+                    producer.result()
+                item = getting.result()
                 if item is None:
                     break
                 if stop is not None and stop.is_set():
@@ -277,13 +378,14 @@ class SyncEngine:
                     break
                 refused_before = [*item.batch.undecodable, *item.refused]
                 outcome = await self.sink.write_records(plan, item.records, refused_before)
+                attempts.progressed()
                 result.synced += outcome.written
                 result.failed += len(outcome.rejected)
                 self._log_rejections(result.table, outcome.rejected)
                 if marking is not None:
                     await finish_even_if_cancelled(marking)
                 marking = asyncio.ensure_future(source.mark(item.batch, outcome.rejected))
-                cursor = item.batch.last_id
+                cursor = item.batch.span.last_id
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -304,10 +406,28 @@ class SyncEngine:
                 note="see `host-agent status` for the full list",
             )
 
+    # -- the journal ---------------------------------------------------------------------------
+
+    async def _flush_journal_quietly(self, attempts: Attempts) -> None:
+        try:
+            await self._with_retries(attempts, "sync_logs", self.flush_journal)
+        except HostAgentError as exc:
+            self.log.warning("sync.journal_deferred", error=str(exc))
+
     async def flush_journal(self) -> int:
-        """Write locally kept runs to sync_logs, then forget them locally. Raises SinkError."""
+        """Write the runs kept locally (and any held in memory) to sync_logs, then forget
+        them. Raises SinkError, or StoreError when the local file refuses."""
         written = 0
         for source in self.sources:
+            held = self._held.get(source.table.name)
+            if held:
+                try:
+                    await self._write_held(source)
+                except StoreError:
+                    # The file still refuses: the server takes them directly.
+                    await self.sink.write_sync_logs([run for run, _ in held])
+                    written += len(held)
+                    held.clear()
             while True:
                 pending = await source.pending_runs()
                 if not pending:
@@ -316,6 +436,10 @@ class SyncEngine:
                 await source.forget_runs(pending[-1][0])
                 written += len(pending)
         return written
+
+    async def release(self) -> None:
+        """Drop the server connection until the next run needs one."""
+        await self.sink.disconnect()
 
     async def release_rejected(self) -> int:
         return sum([await source.release_rejected() for source in self.sources])

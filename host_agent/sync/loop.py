@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from host_agent.aio import first_of
+from host_agent.errors import HostAgentError
+from host_agent.retry import RetryPolicy
+from host_agent.store.journal import Schedule
 from host_agent.sync.engine import SyncEngine, SyncReport
-
-
-@dataclass
-class BackoffPolicy:
-    base: float
-    cap: float
-
-    def ceiling(self, failures: int) -> float:
-        if failures <= 0:
-            return 0.0
-        return float(min(self.cap, self.base * 2 ** min(failures - 1, 62)))
-
-    def delay(self, failures: int, rng: random.Random | None = None) -> float:
-        return (rng or random).uniform(0, self.ceiling(failures))
 
 
 class SyncLoop:
@@ -44,7 +31,7 @@ class SyncLoop:
         engine: SyncEngine,
         *,
         interval: float,
-        backoff: BackoffPolicy,
+        backoff: RetryPolicy,
         wake_delay: float,
         shutdown_grace: float = 10.0,
         log: Any = None,
@@ -62,13 +49,28 @@ class SyncLoop:
         self.runs = 0
         # Called after every run with (report, duration in seconds); must not raise.
         self.listeners: list[Callable[[SyncReport, float], None]] = []
+        # Called when a wake-up brings the next run forward; must not raise.
+        self.schedule_listeners: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
         self._trigger = asyncio.Event()
 
+    @property
+    def next_run_at(self) -> float | None:
+        """When the next run starts, as far as is known now (a pending wake-up included)."""
+        return self.next_attempt_at
+
     def wake(self) -> None:
-        """New rows were written (loop thread only; see `wake_threadsafe`)."""
-        if self.wake_delay > 0:
-            self._wake.set()
+        """New rows were written (loop thread only). While healthy, the next run comes
+        `wake_delay` seconds after the first wake-up since the last run."""
+        if self.wake_delay <= 0 or self._wake.is_set():
+            return
+        self._wake.set()
+        if self.consecutive_failures == 0:
+            due = time.time() + self.wake_delay
+            if self.next_attempt_at is None or due < self.next_attempt_at:
+                self.next_attempt_at = due
+                for listener in self.schedule_listeners:
+                    listener()
 
     def trigger(self) -> None:
         """Run now, backoff or not."""
@@ -80,6 +82,9 @@ class SyncLoop:
             self._trigger.clear()
             started = time.monotonic()
             report = await self._run_once(stop)
+            # Hold no server connection between runs: a fleet of idle agents costs the server
+            # nothing, and the next run connects afresh.
+            await self.engine.release()
             if report is None:
                 break
             await self._after_run(report, time.monotonic() - started)
@@ -119,6 +124,8 @@ class SyncLoop:
             self.consecutive_failures += 1
             delay = self.backoff.delay(self.consecutive_failures)
         self.next_attempt_at = now + delay
+        if error is None and self._wake.is_set():  # rows arrived during the run
+            self.next_attempt_at = min(self.next_attempt_at, now + self.wake_delay)
         await self._save_state()
         if error is not None:
             self.log.warning(
@@ -134,14 +141,15 @@ class SyncLoop:
 
     async def _save_state(self) -> None:
         """The schedule, for `host-agent status` (the engine saves each run's outcome)."""
+        schedule = Schedule(
+            consecutive_failures=self.consecutive_failures,
+            backoff_seconds=self.backoff.ceiling(self.consecutive_failures),
+            next_attempt_at=self.next_attempt_at,
+        )
         for source in self.engine.sources:
             try:
-                await source.save_state(
-                    consecutive_failures=self.consecutive_failures,
-                    backoff_seconds=self.backoff.ceiling(self.consecutive_failures),
-                    next_attempt_at=self.next_attempt_at,
-                )
-            except Exception as exc:  # status is advisory; never stop syncing over it
+                await source.save_schedule(schedule)
+            except HostAgentError as exc:  # status is advisory; never stop syncing over it
                 self.log.warning("sync.state_not_saved", table=source.table.name, error=str(exc))
 
     async def _sleep(self, stop: asyncio.Event) -> None:

@@ -23,10 +23,9 @@ from typing import Any, cast
 
 from host_agent.errors import SchemaMismatch
 from host_agent.sync.postgres.schema import PgColumn
+from host_agent.sync.records import LocalRow, Rejection
 
 Converter = Callable[[Any], Any]
-LocalRow = tuple[Any, ...]  # (id, row_version, *local values in TablePlan.local_columns order)
-RowRefusal = tuple[int, int, str]  # (row id, row version, reason)
 
 SERVER_SIDE = frozenset({"synced_at"})
 _INT_RANGES = {"int2": 2**15, "int4": 2**31, "int8": 2**63}
@@ -36,15 +35,31 @@ class RowValueError(ValueError):
     """A local value that cannot become its PostgreSQL column's value."""
 
 
+# asyncpg sends the smallest and largest datetimes as -infinity and infinity: a value that
+# lands on either would arrive changed, so it is refused like one out of range.
+_EPOCH_LOW = datetime.min.replace(tzinfo=UTC).timestamp()  # 0001-01-01T00:00:00Z
+_EPOCH_HIGH = datetime.max.replace(tzinfo=UTC).timestamp()
+
+
 def _timestamptz(value: Any) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RowValueError(f"expected UNIX epoch seconds, got {type(value).__name__}")
     try:
-        return datetime.fromtimestamp(value, UTC)
+        converted = datetime.fromtimestamp(value, UTC)
     except (OverflowError, OSError, ValueError):
         raise RowValueError(f"epoch seconds out of range: {value}") from None
+    if not _EPOCH_LOW < value < _EPOCH_HIGH:
+        raise RowValueError(
+            f"epoch seconds {value} ({converted.isoformat()}) would be stored as "
+            f"{'-' if value <= _EPOCH_LOW else ''}infinity"
+        )
+    return converted
+
+
+def _refuse(value: Any) -> None:
+    raise ValueError(f"timestamp out of the range stored exactly: {value}")
 
 
 def _boolean(value: Any) -> bool | None:
@@ -108,19 +123,19 @@ class TablePlan:
     _converters: tuple[Converter | None, ...]
     _types: tuple[str, ...]  # per pg column: its pg_catalog type name
 
-    def prepare(self, rows: Sequence[LocalRow]) -> tuple[list[tuple[Any, ...]], list[RowRefusal]]:
-        """Records for `rows`, and the rows refused before sending: (row id, version, reason)."""
+    def prepare(self, rows: Sequence[LocalRow]) -> tuple[list[tuple[Any, ...]], list[Rejection]]:
+        """Records for `rows`, and the rows refused before sending."""
         try:
             return self.convert_batch(rows), []
         except (TypeError, ValueError, KeyError, OverflowError, OSError):
             pass
         records: list[tuple[Any, ...]] = []
-        refused: list[RowRefusal] = []
+        refused: list[Rejection] = []
         for row in rows:
             try:
                 records.append(self.to_record(row))
             except RowValueError as exc:
-                refused.append((int(row[0]), int(row[1]), str(exc)))
+                refused.append(Rejection(int(row[0]), int(row[1]), str(exc)))
         return records, refused
 
     def convert_batch(self, rows: Sequence[LocalRow]) -> list[tuple[Any, ...]]:
@@ -251,12 +266,22 @@ def _batch_converter(
     for source, convert in zip(sources, converters, strict=True):
         value = "host" if source < 0 else f"r[{int(source)}]"
         if convert is _timestamptz:
-            value = f"(None if {value} is None else fromtimestamp({value}, UTC))"
+            value = (
+                f"(None if {value} is None else fromtimestamp({value}, UTC) "
+                f"if low < {value} < high else refuse({value}))"
+            )
         elif convert is _boolean:
             value = f"booleans[{value}]"
         parts.append(value)
     source_code = f"lambda host, rows: [({', '.join(parts)},) for r in rows]"
-    namespace = {"fromtimestamp": datetime.fromtimestamp, "UTC": UTC, "booleans": _BOOLEANS}
+    namespace = {
+        "fromtimestamp": datetime.fromtimestamp,
+        "UTC": UTC,
+        "booleans": _BOOLEANS,
+        "low": _EPOCH_LOW,
+        "high": _EPOCH_HIGH,
+        "refuse": _refuse,
+    }
     converter: Callable[[str, Sequence[LocalRow]], list[tuple[Any, ...]]] = eval(
         compile(source_code, "<host_agent batch converter>", "eval"), namespace
     )

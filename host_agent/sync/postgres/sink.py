@@ -2,70 +2,81 @@
 
 A batch is written in one transaction. Rows never shipped before (`row_version` 0) go in by
 binary COPY straight into the table, the fastest path PostgreSQL has; if one of them is already
-there (a retry after a crash between the server's commit and the local marking), the COPY is
-rolled back to its savepoint and the rows go through the upsert instead. Changed rows always
-take the upsert: COPY into a temporary staging table, then
-`INSERT .. ON CONFLICT (host_identifier, source_id) DO UPDATE .. WHERE row_version is older`,
-so a stale copy never overwrites a newer one.
+there (a retry after a crash between the server's commit and the local marking, or another
+run that shipped it first), the COPY is rolled back to its savepoint and the rows go through
+the upsert instead. Changed rows always take the upsert: COPY into a temporary staging table,
+then `INSERT .. ON CONFLICT (identity) DO UPDATE .. WHERE row_version is older`, so a stale
+copy never overwrites a newer one. `WriteOutcome.written` counts the rows this transaction
+inserted or updated: a row the server already held at that version is not counted again.
 
 When the server refuses the data of a batch (SQLSTATE classes 22 and 23, or a value asyncpg
 cannot encode), the batch is split in halves, each under its own savepoint, until the refused
 rows are alone; the rest is written. Connection-level failures are translated to `SinkError`s
 and abandon the whole transaction: nothing half-written is ever committed.
+
+The connection is held only while working: `disconnect()` after a run releases it (a fleet of
+idle agents holds no server connection), the next operation reconnects. Named prepared
+statements are never kept (`statement_cache_size=0`) and every statement runs inside an
+explicit transaction, so PgBouncer in transaction pooling mode can sit in between.
+
+A batch whose server stops answering (no progress for `command_timeout` seconds: no record
+pulled into the COPY stream, no statement finished) has its connection dropped, which fails
+the batch as `SinkUnavailable`: the engine reconnects and ships it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from host_agent.errors import HostAgentError, SinkError
+from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
 from host_agent.sync.postgres.errors import is_row_error, row_error_message, translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan
 from host_agent.sync.postgres.schema import apply_schema, check_schema, table_columns
+from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
 
 IDENTITY = ("host_identifier", "source_id")
-
-
-@dataclass(frozen=True)
-class Rejection:
-    row_id: int
-    row_version: int
-    reason: str
-
-
-@dataclass
-class WriteOutcome:
-    written: int = 0
-    rejected: list[Rejection] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SyncRunRecord:
-    """One row for PostgreSQL's sync_logs."""
-
-    table_name: str
-    started_at: float
-    completed_at: float | None
-    records_synced: int
-    records_failed: int
-    status: str
-    error_message: str | None
+_PROGRESS_EVERY = 256  # records pulled into a COPY between progress stamps
 
 
 def _ts(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as "INSERT 0 12"."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class _Progress:
+    """When the current operation last moved."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.stalled = False
+
+    def touch(self) -> None:
+        self.at = time.monotonic()
+
+    def feed(self, records: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        for index, record in enumerate(records):
+            if index % _PROGRESS_EVERY == 0:
+                self.touch()
+            yield record
+        self.touch()
+
+
 class PostgresSink:
-    """Lifecycle: `open()` -> writes -> `close()`. Closing twice is harmless; use after close
-    raises SinkError. Every await has a timeout (connect and command budgets are separate)."""
+    """Lifecycle: `open()` -> writes -> `close()`. `disconnect()` drops the connection and the
+    next call connects again; closing twice is harmless; use after close raises SinkError.
+    Every await has a timeout (connect and command budgets are separate)."""
 
     def __init__(
         self,
@@ -77,7 +88,7 @@ class PostgresSink:
     ) -> None:
         self._url = url
         self.host = host
-        self._connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._conn: asyncpg.Connection | None = None
         self._closed = False
@@ -89,21 +100,27 @@ class PostgresSink:
     def is_open(self) -> bool:
         return self._conn is not None and not self._conn.is_closed()
 
-    async def open(self, *, check: bool = True) -> None:
-        """Connect and (by default) check that the server has the schema this agent needs."""
+    async def open(self, *, check: bool = True, connect_timeout: float | None = None) -> None:
+        """Connect (unless connected) and by default check that the server has the schema
+        this agent needs. `connect_timeout` shortens the configured budget for this call."""
         if self._closed:
             raise SinkError("PostgresSink is closed")
         if self.is_open:
             return
+        timeout = self.connect_timeout
+        if connect_timeout is not None:
+            timeout = max(0.1, min(timeout, connect_timeout))
         async with self._guard():
             self._conn = await asyncpg.connect(
                 self._url,
-                timeout=self._connect_timeout,
+                timeout=timeout,
                 command_timeout=self._command_timeout,
+                statement_cache_size=0,
                 server_settings={"application_name": "host-agent"},
             )
             if check:
-                await check_schema(self._conn)
+                async with self._conn.transaction():
+                    await check_schema(self._conn)
 
     @contextlib.asynccontextmanager
     async def _guard(self, *, drop: bool = True) -> AsyncIterator[None]:
@@ -114,18 +131,46 @@ class PostgresSink:
             yield
         except (Exception, asyncio.CancelledError) as exc:
             if drop:
-                await self._drop()
+                self._drop()
             if isinstance(exc, HostAgentError | asyncio.CancelledError):
                 raise
             raise translate(exc) from None
 
-    async def _drop(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _watched(self, conn: asyncpg.Connection) -> AsyncIterator[_Progress]:
+        """Drop `conn` when the work inside makes no progress for command_timeout seconds."""
+        progress = _Progress()
+        limit = self._command_timeout
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(max(0.05, min(1.0, limit / 4)))
+                if time.monotonic() - progress.at > limit:
+                    progress.stalled = True
+                    conn.terminate()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            yield progress
+        except Exception as exc:
+            if progress.stalled:
+                raise SinkUnavailable(
+                    f"PostgreSQL stopped answering mid-batch (no progress for {limit:g} s); "
+                    "the connection was dropped and the batch will be shipped again"
+                ) from exc
+            raise
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()  # no network round trip: the connection may be half-dead
 
-    async def close(self, grace_seconds: float = 5.0) -> None:
-        self._closed = True
+    async def disconnect(self, grace_seconds: float = 5.0) -> None:
+        """Release the server connection until the next call needs one."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
@@ -133,9 +178,15 @@ class PostgresSink:
             except (Exception, asyncio.CancelledError):
                 conn.terminate()
 
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        self._closed = True
+        await self.disconnect(grace_seconds)
+
     def _connection(self) -> asyncpg.Connection:
+        if self._closed:
+            raise SinkError("PostgresSink is closed")
         if self._conn is None or self._conn.is_closed():
-            raise SinkError("PostgresSink is not open")
+            raise SinkUnavailable("PostgreSQL connection lost")
         return self._conn
 
     async def init_schema(self) -> list[str]:
@@ -143,8 +194,10 @@ class PostgresSink:
             return await apply_schema(self._connection())
 
     async def plan(self, table: str, local_columns: Sequence[str]) -> TablePlan:
-        async with self._guard(drop=False):
-            pg_columns = await table_columns(self._connection(), table)
+        async with self._guard():
+            conn = self._connection()
+            async with conn.transaction(readonly=True):
+                pg_columns = await table_columns(conn, table)
         return build_plan(table, self.host, pg_columns, local_columns)
 
     async def write_records(
@@ -153,29 +206,33 @@ class PostgresSink:
         records: list[tuple[Any, ...]],
         refused_before: Sequence[Rejection] = (),
     ) -> WriteOutcome:
-        """Write `records` (made by `plan.prepare`) in one transaction; return how many went
-        in and which rows were refused, `refused_before` (refused by `prepare`) included.
+        """Write `records` (made by `plan.prepare`) in one transaction; return how many rows it
+        wrote and which rows were refused, `refused_before` (refused by `prepare`) included.
 
         Raises a `SinkError` (and commits nothing) when the connection or schema fails.
         """
         outcome = WriteOutcome(rejected=list(refused_before))
         if not records:
             return outcome
-        conn = self._connection()
-        async with self._guard(), conn.transaction():
-            refused = await self._write_isolating(conn, plan, records)
+        async with self._guard():
+            conn = self._connection()
+            async with self._watched(conn) as progress, conn.transaction():
+                written, refused = await self._write_isolating(conn, plan, records, progress)
         sid, ver = plan.source_id_index, plan.version_index
         outcome.rejected.extend(Rejection(r[sid], r[ver], reason) for r, reason in refused)
-        outcome.written = len(records) - len(refused)
+        outcome.written = written
         return outcome
 
     async def _write_isolating(
-        self, conn: asyncpg.Connection, plan: TablePlan, records: list[tuple[Any, ...]]
-    ) -> list[tuple[tuple[Any, ...], str]]:
+        self,
+        conn: asyncpg.Connection,
+        plan: TablePlan,
+        records: list[tuple[Any, ...]],
+        progress: _Progress,
+    ) -> tuple[int, list[tuple[tuple[Any, ...], str]]]:
         try:
             async with conn.transaction():
-                await self._write_records(conn, plan, records)
-            return []
+                return await self._write_records(conn, plan, records, progress), []
         except Exception as exc:
             if not is_row_error(exc):
                 raise
@@ -183,35 +240,46 @@ class PostgresSink:
                 reason = None
                 if not isinstance(exc, asyncpg.PostgresError):
                     reason = plan.diagnose(records[0])
-                return [(records[0], reason or row_error_message(exc))]
+                return 0, [(records[0], reason or row_error_message(exc))]
         middle = len(records) // 2
-        left = await self._write_isolating(conn, plan, records[:middle])
-        right = await self._write_isolating(conn, plan, records[middle:])
-        return left + right
+        left, left_refused = await self._write_isolating(conn, plan, records[:middle], progress)
+        right, right_refused = await self._write_isolating(
+            conn, plan, records[middle:], progress
+        )
+        return left + right, left_refused + right_refused
 
     async def _write_records(
-        self, conn: asyncpg.Connection, plan: TablePlan, records: list[tuple[Any, ...]]
-    ) -> None:
+        self,
+        conn: asyncpg.Connection,
+        plan: TablePlan,
+        records: list[tuple[Any, ...]],
+        progress: _Progress,
+    ) -> int:
         version = plan.version_index
         fresh = [r for r in records if r[version] == 0]
         changed = [r for r in records if r[version] != 0] if len(fresh) != len(records) else []
+        written = 0
         if fresh:
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table(
-                        plan.table,
-                        records=fresh,
-                        columns=plan.pg_columns,
-                        timeout=self._command_timeout,
+                        plan.table, records=progress.feed(fresh), columns=plan.pg_columns
                     )
+                written += len(fresh)
             except asyncpg.UniqueViolationError:
                 changed = fresh + changed
+            progress.touch()
         if changed:
-            await self._upsert(conn, plan, changed)
+            written += await self._upsert(conn, plan, changed, progress)
+        return written
 
     async def _upsert(
-        self, conn: asyncpg.Connection, plan: TablePlan, records: list[tuple[Any, ...]]
-    ) -> None:
+        self,
+        conn: asyncpg.Connection,
+        plan: TablePlan,
+        records: list[tuple[Any, ...]],
+        progress: _Progress,
+    ) -> int:
         stage = f"host_agent_stage_{plan.table}"
         columns = ", ".join(plan.pg_columns)
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in plan.pg_columns if c not in IDENTITY)
@@ -221,17 +289,19 @@ class PostgresSink:
         )
         await conn.execute(f"TRUNCATE {stage}")
         await conn.copy_records_to_table(
-            stage, records=records, columns=plan.pg_columns, timeout=self._command_timeout
+            stage, records=progress.feed(records), columns=plan.pg_columns
         )
-        await conn.execute(
+        status = await conn.execute(
             f"INSERT INTO {plan.table} AS target ({columns}) SELECT {columns} FROM {stage} "
             f"ON CONFLICT ({', '.join(IDENTITY)}) DO UPDATE SET {updates}, "
             "synced_at = CURRENT_TIMESTAMP "
             "WHERE target.row_version < EXCLUDED.row_version",
             timeout=self._command_timeout,
         )
+        progress.touch()
+        return _count(status)
 
-    async def write_sync_logs(self, runs: Sequence[SyncRunRecord]) -> None:
+    async def write_sync_logs(self, runs: Sequence[RunRecord]) -> None:
         """Append runs to sync_logs. Idempotent: a run already there (same host, table and
         start time) is not added again, so a retry after a lost acknowledgement is harmless."""
         if not runs:
@@ -250,16 +320,18 @@ class PostgresSink:
             for run in runs
         ]
         async with self._guard():
-            await self._connection().executemany(
-                """
-                INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,
-                                       records_synced, records_failed, status, error_message,
-                                       host_identifier)
-                SELECT $1, $2, $3, $4, $5, $6, $7, $8
-                 WHERE NOT EXISTS (SELECT 1 FROM sync_logs
-                                    WHERE sync_started_at = $1 AND table_name = $3
-                                      AND host_identifier = $8)
-                """,
-                args,
-                timeout=self._command_timeout,
-            )
+            conn = self._connection()
+            async with conn.transaction():
+                await conn.executemany(
+                    """
+                    INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,
+                                           records_synced, records_failed, status,
+                                           error_message, host_identifier)
+                    SELECT $1, $2, $3, $4, $5, $6, $7, $8
+                     WHERE NOT EXISTS (SELECT 1 FROM sync_logs
+                                        WHERE sync_started_at = $1 AND table_name = $3
+                                          AND host_identifier = $8)
+                    """,
+                    args,
+                    timeout=self._command_timeout,
+                )
