@@ -10,7 +10,7 @@ from host_agent.daemon.assembly import make_sink, prepare_stores
 
 async def init_db(config: AgentConfig) -> list[str]:
     """Apply the PostgreSQL schema files and create the local schema; return the files run."""
-    await asyncio.to_thread(prepare_stores, config)
+    await asyncio.to_thread(prepare_stores, config, integrity=True)
     sink = make_sink(config)
     try:
         await sink.open(check=False)

@@ -28,7 +28,6 @@ _LEDGER_DDL = f"""CREATE TABLE IF NOT EXISTS {LEDGER} (
     name TEXT PRIMARY KEY,
     applied_at INTEGER NOT NULL
 )"""
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 @dataclass(frozen=True)
@@ -59,16 +58,6 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
     ).fetchone()
     return row is not None
-
-
-def _check_header(path: Path) -> None:
-    with store_errors(path), path.open("rb") as handle:
-        header = handle.read(len(_SQLITE_MAGIC))
-    if header and header != _SQLITE_MAGIC[: len(header)]:
-        raise StoreUnusable(
-            f"local database {path} is not an SQLite database (a foreign or damaged file; "
-            "it is left untouched)"
-        )
 
 
 def check_schema(conn: sqlite3.Connection, path: Path, table: LocalTable) -> FileSchema:
@@ -104,8 +93,12 @@ def check_schema(conn: sqlite3.Connection, path: Path, table: LocalTable) -> Fil
 def inspect_file(path: Path, table: LocalTable, *, integrity: bool = False) -> FileSchema:
     """Check an existing file without writing anything. With `integrity`, every page is read
     (`PRAGMA quick_check`, linear in the file's size), so a truncated or damaged file is
-    refused now rather than when a read reaches the damage."""
-    _check_header(path)
+    refused now rather than when a read reaches the damage.
+
+    Only SQLite opens the file, never a plain `open()`: closing any descriptor of a database
+    file drops every POSIX lock this process holds on it, behind the back of the connections
+    that hold them (and one of them would then delete the WAL file under the others). SQLite
+    itself says when a file is not a database."""
     conn = connect_readonly(path)
     try:
         with store_errors(path):
