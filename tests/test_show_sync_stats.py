@@ -1,6 +1,7 @@
-"""`host-agent stats` and scripts/show-sync-stats.sh against a real server: the numbers in each
-section, the layout of each format (checked against psql itself), where the URL comes from (the
-embedded server included), exit codes, timeouts, and the password kept out of every output."""
+"""`host-agent stats` and scripts/show-sync-stats.sh (which runs it) against a real server: the
+numbers in each section, the layout of each format (checked against psql itself), where the URL
+comes from (the embedded server included), exit codes, timeouts, and the password kept out of
+every output."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import csv
 import io
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -583,8 +585,8 @@ def test_config_error_is_one_line_and_exit_2(run: Runner, tmp_path: Path) -> Non
     result = run("--config", str(config))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "show-sync-stats: database.postgres_url: environment variable SSS_UNSET_VARIABLE "
-        "is not set"
+        "host-agent: config error: database.postgres_url: environment variable "
+        "SSS_UNSET_VARIABLE is not set"
     ]
     assert result.stdout == ""
 
@@ -620,10 +622,12 @@ def test_invalid_url_gets_the_agents_message_and_exit_2(run: Runner, url: str) -
         ((), url, "database.postgres_url"),  # from HOST_AGENT_DATABASE_POSTGRES_URL
         (("--url", url), None, "--url"),
     ]
+    # The CLI masks whatever looks like a URL's password, the example in the message too.
+    message = str(agent.value).replace("user:password@", "user:***@")
     for args, env_url, label in ways:
         result = run(*args, url=env_url)
         assert result.returncode == 2
-        assert result.stderr == f"show-sync-stats: {label}: {agent.value}\n"
+        assert result.stderr == f"host-agent: config error: {label}: {message}\n"
         assert "pw" not in result.stderr
 
 
@@ -637,10 +641,10 @@ def test_unreachable_server_exits_3_without_the_password(run: Runner, stats_url:
     result = run(url=url)
     assert result.returncode == 3
     assert result.stdout == ""
-    first = result.stderr.splitlines()[0]
-    assert first == (
-        f"show-sync-stats: cannot reach PostgreSQL at "
-        f"postgresql://postgres:***@127.0.0.1:{port}{parts.path}"
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"host-agent: cannot reach PostgreSQL at "
+        f"postgresql://postgres:***@127.0.0.1:{port}{parts.path} (PostgreSQL unreachable: "
     )
 
 
@@ -799,7 +803,8 @@ def test_usage_errors_exit_2_with_usage_on_stderr(tmp_path: Path, args: tuple[st
     result = Runner([], tmp_path)(*args)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert "Usage: " in result.stderr
+    assert "usage: host-agent" in result.stderr
+    assert "error: " in result.stderr
 
 
 @pytest.mark.parametrize("stale_after", ["soon", "-1 hour"])
@@ -812,3 +817,54 @@ def test_bad_stale_after_exits_2(run: Runner, stats_url: str, stale_after: str) 
     assert result.stdout == ""
 
 
+# --- the wrapper -------------------------------------------------------------------------------
+
+
+def test_piped_into_head_exits_quietly(schema_url: str, tmp_path: Path) -> None:
+    # Far more output than a pipe holds, so the writer meets the closed pipe.
+    pg_fetch_sync(
+        schema_url,
+        "INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,"
+        " records_synced, records_failed, status, host_identifier)"
+        " SELECT now() - i * interval '1 minute', now() - i * interval '1 minute' + interval"
+        " '1 second', 'file_change_events', i, 0, 'success', 'host-' || (i % 500)"
+        " FROM generate_series(1, 4000) AS i",
+    )
+    env = clean_env(HOST_AGENT_DATABASE_POSTGRES_URL=schema_url)
+    result = subprocess.run(
+        ["bash", "-c", 'set -o pipefail; "$0" --format plain --limit 4000 | head -n 2',
+         str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("Sync statistics for ")
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_wrapper_without_a_venv_runs_host_agent_from_path(tmp_path: Path) -> None:
+    installed = Path(sys.executable).with_name("host-agent")
+    assert installed.is_file(), "scripts/test.sh installs host-agent beside the interpreter"
+    copy = tmp_path / "checkout" / "scripts" / "show-sync-stats.sh"
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(SCRIPT, copy)
+    # A PATH with only what the wrapper itself needs, then that plus host-agent.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("bash", "dirname"):
+        found = shutil.which(tool)
+        assert found is not None
+        (tools / tool).symlink_to(found)
+    runner = Runner([], tmp_path, [str(copy)])
+    on_path = runner("--help", env=clean_env(PATH=f"{installed.parent}:{tools}"))
+    assert on_path.returncode == 0, on_path.stderr
+    assert "usage: host-agent stats" in on_path.stdout
+    missing = runner("--help", env=clean_env(PATH=str(tools)))
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr.startswith("show-sync-stats: host-agent is not installed")
