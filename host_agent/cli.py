@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from host_agent import __version__
+from host_agent.commands import stats as stats_command
 from host_agent.config import AgentConfig, load_config
 from host_agent.errors import (
     EXIT_TRIGGERED_SYNC_FAILED,
@@ -57,6 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser("status", help="local view: backlog, quarantine, last sync, backoff")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    stats = sub.add_parser(
+        "stats",
+        help="sync statistics from the central sync_logs: latest runs, per table, per host, stale",
+        description=stats_command.HELP_DESCRIPTION,
+        epilog=stats_command.HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stats.add_argument(
+        "--url",
+        help="PostgreSQL URL (postgresql://user:password@host:port/db); visible in the "
+        "process list: prefer the configuration or HOST_AGENT_DATABASE_POSTGRES_URL",
+    )
+    stats.add_argument(
+        "--limit",
+        type=stats_command.parse_limit,
+        default=stats_command.DEFAULT_LIMIT,
+        metavar="N",
+        help=f"runs shown in section 1 (default: {stats_command.DEFAULT_LIMIT})",
+    )
+    stats.add_argument("--host", metavar="NAME", help="only this host_identifier, in every section")
+    stats.add_argument(
+        "--stale-after",
+        default=stats_command.DEFAULT_STALE_AFTER,
+        metavar="INTERVAL",
+        help="a PostgreSQL interval, e.g. '1 hour', '30 min', '2 days' "
+        f"(default: {stats_command.DEFAULT_STALE_AFTER})",
+    )
+    stats.add_argument(
+        "--format",
+        choices=stats_command.FORMATS,
+        default="aligned",
+        help="aligned (default, for people), plain ('|'-separated, no padding) or csv; "
+        "every format has the same '== title ==' lines",
+    )
     run = sub.add_parser("run", help="run the agent (collectors and the sync loop) until stopped")
     run.add_argument(
         "--local-postgres",
@@ -131,6 +166,15 @@ def _status(args: argparse.Namespace, config: AgentConfig) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace, config: AgentConfig) -> int:
+    import asyncio
+
+    query = stats_command.StatsQuery(limit=args.limit, host=args.host, stale_after=args.stale_after)
+    report = asyncio.run(stats_command.collect_stats(config, query, url=args.url))
+    sys.stdout.write(stats_command.render_report(report, args.format))
+    return 0
+
+
 def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     from host_agent.commands.run import main as run_main
 
@@ -148,6 +192,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
     "sync": _sync,
     "trigger-sync": _trigger,
     "status": _status,
+    "stats": _stats,
     "run": _run,
     "local-postgres": _local_postgres,
 }

@@ -1,5 +1,7 @@
-"""scripts/show-sync-stats.sh against a real server: the numbers in each section, where the URL
-comes from, exit codes, and the password kept out of every output."""
+"""`host-agent stats` and scripts/show-sync-stats.sh (which runs it) against a real server: the
+numbers in each section, the layout of each format (checked against psql itself), where the URL
+comes from (the embedded server included), exit codes, timeouts, and the password kept out of
+every output."""
 
 from __future__ import annotations
 
@@ -8,22 +10,41 @@ import csv
 import io
 import os
 import re
+import shutil
+import socket
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
+import asyncpg
 import pytest
 from support.data import apply_schema_to, pg_fetch_sync
 from support.pg import unique_db_name
 
-from host_agent.config import check_postgres_url
+from host_agent.commands.stats import (
+    StatsQuery,
+    embedded_url,
+    fetch_report,
+    query_section,
+    render_report,
+    render_section,
+    resolve_url,
+    session_settings,
+)
+from host_agent.config import AgentConfig, check_postgres_url
 from host_agent.embedded.cluster import LocalPostgres, free_port
+from host_agent.embedded.server import DATABASE
+from host_agent.errors import ConfigError, SchemaMismatch, SinkUnavailable
+from host_agent.urls import redact_url
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "show-sync-stats.sh"
+AGENT = [sys.executable, "-m", "host_agent"]  # `host-agent` without the wrapper
 TABLE_SEP = re.compile(r"^-+(\+-+)*$")
 FOOTER = re.compile(r"^\(\d+ rows?\)$")
 
@@ -70,8 +91,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Runner:
+    """Runs the wrapper (or `command`) and checks that no secret shows in its output."""
+
     secrets: list[str]
     cwd: Path
+    command: list[str] = field(default_factory=lambda: [str(SCRIPT)])
 
     def __call__(
         self, *args: str, url: str | None = None, env: dict[str, str] | None = None
@@ -80,7 +104,7 @@ class Runner:
         if url is not None:
             env["HOST_AGENT_DATABASE_POSTGRES_URL"] = url
         result = subprocess.run(
-            [str(SCRIPT), *args],
+            [*self.command, *args],
             env=env,
             capture_output=True,
             text=True,
@@ -323,6 +347,139 @@ def test_csv_format(run: Runner, stats_url: str) -> None:
     assert rows[1]["stale_tables"] == "desktop_activity_sessions,file_change_events"
 
 
+def test_host_agent_stats_directly_gives_the_same_report(
+    stats_url: str, tmp_path: Path, plain: dict[str, list[dict[str, str]]]
+) -> None:
+    agent = Runner(secrets_of(stats_url), tmp_path, AGENT)
+    result = agent("stats", "--format", "plain", url=stats_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith(f"Sync statistics for {redact_url(stats_url)}\nAs of ")
+    direct = parse_sections(result.stdout)
+    assert direct["Latest"] == plain["Latest"]
+    assert direct["Per table"] == plain["Per table"]
+    assert [r["host"] for r in direct["Per host"]] == [r["host"] for r in plain["Per host"]]
+    assert [(r["host"], r["table"]) for r in direct["Stale"]] == [
+        (r["host"], r["table"]) for r in plain["Stale"]
+    ]
+
+
+async def test_fetch_report_reads_four_sections_in_one_snapshot(stats_url: str) -> None:
+    report = await fetch_report(stats_url, StatsQuery(limit=2, host="old-host"))
+    assert report.url == redact_url(stats_url)
+    assert report.stale_after == "1 hour"
+    assert [s.title for s in report.sections] == [
+        "Latest 2 sync runs (host old-host)",
+        "Per table (host old-host)",
+        "Per host (host old-host)",
+        "Stale: no successful sync for longer than 1 hour (host old-host)",
+    ]
+    latest, per_table, per_host, stale = report.sections
+    assert [c.name for c in latest.columns] == [
+        "started", "table", "host", "status", "rows_synced", "rows_failed", "seconds", "error",
+    ]
+    assert [c.name for c in latest.columns if c.right_aligned] == ["rows_synced", "rows_failed"]
+    assert len(latest.rows) == 2
+    assert [row[0] for row in per_table.rows] == [
+        "desktop_activity_sessions", "file_change_events",
+    ]
+    assert [row[0] for row in per_host.rows] == ["old-host"]
+    assert len(stale.rows) == 2
+    # One snapshot: the as-of time is the `now()` every section measured against.
+    since = dict(zip([c.name for c in per_host.columns], per_host.rows[0], strict=True))
+    as_of = datetime.strptime(report.as_of, "%Y-%m-%d %H:%M:%S")
+    last = datetime.strptime(since["last_success"], "%Y-%m-%d %H:%M:%S")
+    assert abs((as_of - last).total_seconds() - seconds(since["since_success"])) <= 1
+    for fmt in ("aligned", "plain", "csv"):
+        text = render_report(report, fmt)
+        assert [line for line in text.splitlines() if line.startswith("== ")] == [
+            f"== {s.title} ==" for s in report.sections
+        ]
+
+
+def psql(pg: LocalPostgres, url: str, sql: str, *options: str) -> str:
+    """What psql itself prints for `sql` (the reference for the formats)."""
+    parts = urlsplit(url)
+    assert parts.password and parts.username
+    env = clean_env(
+        PGHOST="127.0.0.1",
+        PGPORT=str(parts.port),
+        PGUSER=parts.username,
+        PGPASSWORD=unquote(parts.password),
+        PGDATABASE=parts.path.lstrip("/"),
+    )
+    result = subprocess.run(
+        [str(pg.bin_dir / "psql"), "-X", "-q", "-P", "pager=off", *options, "-c", sql],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+TRICKY_ROWS = """
+    SELECT * FROM (VALUES
+        ('plain'::text, 1::int, 2.50::numeric, 'x'::text),
+        ('日本語 wide', -12, 100, ''),
+        ('combining é', 123456, NULL, 'a,b "quoted" | piped'),
+        ('', 0, 0.1, 'last')
+    ) AS t(name, n, amount, note)
+"""
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        TRICKY_ROWS,
+        f"SELECT note, name, n FROM ({TRICKY_ROWS}) AS t WHERE n = 1",  # numbers last, 1 row
+        f"SELECT * FROM ({TRICKY_ROWS}) AS t WHERE false",  # no rows: the header alone
+    ],
+    ids=["rows", "one-row", "no-rows"],
+)
+@pytest.mark.parametrize(
+    ("fmt", "psql_options"),
+    [
+        ("aligned", ()),
+        ("plain", ("-A", "-F", "|", "-P", "footer=off")),
+        ("csv", ("--csv",)),
+    ],
+)
+async def test_formats_match_psql(
+    pg_server: LocalPostgres, stats_url: str, sql: str, fmt: str, psql_options: tuple[str, ...]
+) -> None:
+    conn = await asyncpg.connect(stats_url, timeout=10)
+    try:
+        section = await query_section(conn, "title", sql)
+    finally:
+        await conn.close(timeout=10)
+    expected = await asyncio.to_thread(psql, pg_server, stats_url, sql, *psql_options)
+    assert render_section(section, fmt) == expected
+
+
+def test_times_are_shown_in_the_pgtz_time_zone(run: Runner, stats_url: str) -> None:
+    started: dict[str, list[datetime]] = {}
+    for zone in ("UTC", "Asia/Kathmandu"):  # +05:45 all year
+        result = run("--format", "plain", env=clean_env(PGTZ=zone), url=stats_url)
+        assert result.returncode == 0, result.stderr
+        assert f"(time zone {zone}); stale after 1 hour\n" in result.stdout
+        started[zone] = [
+            datetime.strptime(r["started"], "%Y-%m-%d %H:%M:%S")
+            for r in parse_sections(result.stdout)["Latest"]
+        ]
+    shifts = {k - u for k, u in zip(started["Asia/Kathmandu"], started["UTC"], strict=True)}
+    assert shifts == {timedelta(hours=5, minutes=45)}
+
+
+def test_session_settings_honour_pgtz_like_libpq() -> None:
+    assert session_settings({})["IntervalStyle"] == "postgres"
+    assert "TimeZone" not in session_settings({})
+    assert "TimeZone" not in session_settings({"PGTZ": "default"})
+    assert session_settings({"PGTZ": "Europe/Paris"})["TimeZone"] == "Europe/Paris"
+
+
 # --- where the URL comes from ----------------------------------------------------------------
 
 
@@ -340,6 +497,20 @@ def test_url_from_the_config_file_with_an_environment_variable(
     result = run("--format", "plain", env=env)
     assert result.returncode == 0, result.stderr
     assert len(parse_sections(result.stdout)["Per host"]) == 3
+    # Relative paths are taken from where the command was typed, though the wrapper runs
+    # host-agent from the repository.
+    assert run.cwd == tmp_path
+    for args, variable in (
+        (("--config", config.name), None),
+        ((f"--config={config.name}",), None),
+        ((), config.name),
+    ):
+        env = clean_env(SSS_TEST_URL=stats_url)
+        if variable is not None:
+            env["HOST_AGENT_CONFIG"] = variable
+        result = run(*args, "--format", "plain", "--limit", "2", env=env)
+        assert result.returncode == 0, (args, variable, result.stderr)
+        assert len(parse_sections(result.stdout)["Latest"]) == 2
 
 
 def test_url_precedence_explicit_then_environment_then_config(
@@ -355,25 +526,84 @@ def test_url_precedence_explicit_then_environment_then_config(
     assert run("--url", nowhere, env=dict(env), url=stats_url).returncode == 3
 
 
+@pytest.fixture
+def embedded(private_pg: LocalPostgres, tmp_path: Path) -> Path:
+    """A working directory whose data/postgres is a running cluster with the agent's
+    database, as scripts/run.sh leaves it (here a link to the test's own cluster)."""
+    url = private_pg.create_database(DATABASE)
+    asyncio.run(apply_schema_to(url))
+    insert_runs(url)
+    workdir = tmp_path / "work"
+    (workdir / "data").mkdir(parents=True)
+    (workdir / "data" / "postgres").symlink_to(private_pg.base_dir, target_is_directory=True)
+    return workdir
+
+
+def test_finds_the_embedded_server_under_data_postgres(
+    private_pg: LocalPostgres, embedded: Path
+) -> None:
+    agent = Runner(secrets_of(private_pg.url()), embedded, AGENT)
+    result = agent("stats", "--format", "plain")  # no config file, no URL anywhere
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"Sync statistics for postgresql://postgres:***@127.0.0.1:{private_pg.port}/{DATABASE}\n"
+    )
+    assert len(parse_sections(result.stdout)["Per host"]) == 3
+    private_pg.stop()
+    stopped = agent("stats")
+    assert stopped.returncode == 2
+    assert stopped.stdout == ""
+    [line] = stopped.stderr.splitlines()
+    assert "database.postgres_url: not set, and no embedded server is running under " in line
+    assert "host-agent local-postgres url" in line
+
+
+def test_url_precedence_with_the_embedded_server(
+    private_pg: LocalPostgres, embedded: Path, make_config: Callable[..., AgentConfig]
+) -> None:
+    directory = embedded / "data" / "postgres"
+    local = private_pg.url(DATABASE)
+    other = "postgresql://someone:pw@db.example:5432/central"
+    assert embedded_url(directory) == local
+    assert embedded_url(embedded / "nothing") is None
+    assert resolve_url(None, make_config(None), directory) == local
+    assert resolve_url(None, make_config(other), directory) == other
+    assert resolve_url(other, make_config(None), directory) == other
+    with pytest.raises(ConfigError) as empty:
+        resolve_url("", make_config(None), directory)
+    assert str(empty.value) == "--url: must not be empty"
+    private_pg.stop()
+    assert embedded_url(directory) is None
+    with pytest.raises(ConfigError) as none:
+        resolve_url(None, make_config(None), directory)
+    assert none.value.key == "database.postgres_url"
+
+
 def test_config_error_is_one_line_and_exit_2(run: Runner, tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text('database:\n  postgres_url: "${SSS_UNSET_VARIABLE}"\n')
     result = run("--config", str(config))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "show-sync-stats: database.postgres_url: environment variable SSS_UNSET_VARIABLE "
-        "is not set"
+        "host-agent: config error: database.postgres_url: environment variable "
+        "SSS_UNSET_VARIABLE is not set"
     ]
     assert result.stdout == ""
 
 
-def test_no_url_configured_names_the_key(run: Runner, tmp_path: Path) -> None:
+def test_no_url_configured_names_the_key(tmp_path: Path) -> None:
+    # host-agent itself, from a directory without data/postgres: no embedded server either
+    # (the wrapper would look in the repository's, which a developer may have running).
     config = tmp_path / "agent.yaml"
     config.write_text("database:\n  postgres_url: null\n")
-    result = run("--config", str(config))
+    result = Runner([], tmp_path, AGENT)("--config", str(config), "stats")
     assert result.returncode == 2
-    assert "database.postgres_url: not set" in result.stderr
-    assert "HOST_AGENT_DATABASE_POSTGRES_URL" in result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("host-agent: config error: database.postgres_url: not set")
+    assert f"no embedded server is running under {tmp_path / 'data' / 'postgres'}" in line
+    assert "HOST_AGENT_DATABASE_POSTGRES_URL" in line
+    assert "`host-agent local-postgres url" in line
 
 
 @pytest.mark.parametrize(
@@ -392,10 +622,12 @@ def test_invalid_url_gets_the_agents_message_and_exit_2(run: Runner, url: str) -
         ((), url, "database.postgres_url"),  # from HOST_AGENT_DATABASE_POSTGRES_URL
         (("--url", url), None, "--url"),
     ]
+    # The CLI masks whatever looks like a URL's password, the example in the message too.
+    message = str(agent.value).replace("user:password@", "user:***@")
     for args, env_url, label in ways:
         result = run(*args, url=env_url)
         assert result.returncode == 2
-        assert result.stderr == f"show-sync-stats: {label}: {agent.value}\n"
+        assert result.stderr == f"host-agent: config error: {label}: {message}\n"
         assert "pw" not in result.stderr
 
 
@@ -409,10 +641,10 @@ def test_unreachable_server_exits_3_without_the_password(run: Runner, stats_url:
     result = run(url=url)
     assert result.returncode == 3
     assert result.stdout == ""
-    first = result.stderr.splitlines()[0]
-    assert first == (
-        f"show-sync-stats: cannot reach PostgreSQL at "
-        f"postgresql://postgres:***@127.0.0.1:{port}{parts.path}"
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"host-agent: cannot reach PostgreSQL at "
+        f"postgresql://postgres:***@127.0.0.1:{port}{parts.path} (PostgreSQL unreachable: "
     )
 
 
@@ -433,12 +665,79 @@ def test_database_without_schema_exits_5(pg_database: str, tmp_path: Path) -> No
     assert result.stdout == ""
 
 
+def test_sync_logs_lacking_columns_exits_5_naming_them(pg_database: str, tmp_path: Path) -> None:
+    pg_fetch_sync(
+        pg_database,
+        "CREATE TABLE sync_logs (id bigserial, sync_started_at timestamptz, table_name text,"
+        " records_synced integer, status text, host_identifier text)",
+    )
+    result = Runner(secrets_of(pg_database), tmp_path)(url=pg_database)
+    assert result.returncode == 5
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert f"table sync_logs at {redact_url(pg_database)} lacks column(s) " in line
+    assert "sync_completed_at, records_failed, error_message:" in line
+    assert "run host-agent init-db" in line
+
+
 def test_empty_sync_logs_gives_empty_sections(schema_url: str, tmp_path: Path) -> None:
     result = Runner(secrets_of(schema_url), tmp_path)("--format", "plain", url=schema_url)
     assert result.returncode == 0, result.stderr
     sections = parse_sections(result.stdout)
     assert list(sections) == ["Latest", "Per table", "Per host", "Stale"]
     assert all(rows == [] for rows in sections.values())
+
+
+async def test_connect_gives_up_on_a_server_that_never_answers() -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does) and says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql://someone:s3cret-pw@127.0.0.1:{silent.getsockname()[1]}/db"
+        started = time.monotonic()
+        with pytest.raises(SinkUnavailable) as caught:
+            await fetch_report(url, StatsQuery(), connect_timeout=0.5)
+        assert time.monotonic() - started < 10
+    assert str(caught.value) == (
+        f"cannot reach PostgreSQL at {redact_url(url)} (PostgreSQL did not answer in time)"
+    )
+
+
+async def test_report_gives_up_on_a_query_that_does_not_return(schema_url: str) -> None:
+    holder = await asyncpg.connect(schema_url, timeout=10)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE sync_logs IN ACCESS EXCLUSIVE MODE", timeout=10)
+        started = time.monotonic()
+        with pytest.raises(SinkUnavailable) as caught:
+            await fetch_report(schema_url, StatsQuery(), command_timeout=1.0)
+        assert time.monotonic() - started < 15
+        assert str(caught.value) == (
+            f"PostgreSQL did not answer in time (at {redact_url(schema_url)})"
+        )
+    finally:
+        await holder.close(timeout=10)
+    # The lock gone, the same report works.
+    report = await fetch_report(schema_url, StatsQuery(), command_timeout=10.0)
+    assert all(section.rows == () for section in report.sections)
+
+
+async def test_missing_schema_from_the_library(pg_database: str) -> None:
+    with pytest.raises(SchemaMismatch) as caught:
+        await fetch_report(pg_database, StatsQuery())
+    assert str(caught.value) == (
+        f"table sync_logs does not exist at {redact_url(pg_database)}: "
+        "the schema is not applied (run host-agent init-db)"
+    )
+
+
+def test_query_options_are_checked() -> None:
+    with pytest.raises(ConfigError) as limit:
+        StatsQuery(limit=0)
+    assert limit.value.key == "--limit"
+    with pytest.raises(ConfigError) as stale:
+        StatsQuery(stale_after="  ")
+    assert stale.value.key == "--stale-after"
 
 
 SPECIAL_PASSWORD = "p@ss:w/rd?#'\"$ `x%20&y"
@@ -504,7 +803,8 @@ def test_usage_errors_exit_2_with_usage_on_stderr(tmp_path: Path, args: tuple[st
     result = Runner([], tmp_path)(*args)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert "Usage: " in result.stderr
+    assert "usage: host-agent" in result.stderr
+    assert "error: " in result.stderr
 
 
 @pytest.mark.parametrize("stale_after", ["soon", "-1 hour"])
@@ -512,4 +812,59 @@ def test_bad_stale_after_exits_2(run: Runner, stats_url: str, stale_after: str) 
     result = run("--stale-after", stale_after, url=stats_url)
     assert result.returncode == 2
     assert "--stale-after" in result.stderr
+    assert f"'{stale_after}'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     assert result.stdout == ""
+
+
+# --- the wrapper -------------------------------------------------------------------------------
+
+
+def test_piped_into_head_exits_quietly(schema_url: str, tmp_path: Path) -> None:
+    # Far more output than a pipe holds, so the writer meets the closed pipe.
+    pg_fetch_sync(
+        schema_url,
+        "INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,"
+        " records_synced, records_failed, status, host_identifier)"
+        " SELECT now() - i * interval '1 minute', now() - i * interval '1 minute' + interval"
+        " '1 second', 'file_change_events', i, 0, 'success', 'host-' || (i % 500)"
+        " FROM generate_series(1, 4000) AS i",
+    )
+    env = clean_env(HOST_AGENT_DATABASE_POSTGRES_URL=schema_url)
+    result = subprocess.run(
+        ["bash", "-c", 'set -o pipefail; "$0" --format plain --limit 4000 | head -n 2',
+         str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("Sync statistics for ")
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_wrapper_without_a_venv_runs_host_agent_from_path(tmp_path: Path) -> None:
+    installed = Path(sys.executable).with_name("host-agent")
+    assert installed.is_file(), "scripts/test.sh installs host-agent beside the interpreter"
+    copy = tmp_path / "checkout" / "scripts" / "show-sync-stats.sh"
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(SCRIPT, copy)
+    # A PATH with only what the wrapper itself needs, then that plus host-agent.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("bash", "dirname"):
+        found = shutil.which(tool)
+        assert found is not None
+        (tools / tool).symlink_to(found)
+    runner = Runner([], tmp_path, [str(copy)])
+    on_path = runner("--help", env=clean_env(PATH=f"{installed.parent}:{tools}"))
+    assert on_path.returncode == 0, on_path.stderr
+    assert "usage: host-agent stats" in on_path.stdout
+    missing = runner("--help", env=clean_env(PATH=str(tools)))
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr.startswith("show-sync-stats: host-agent is not installed")
