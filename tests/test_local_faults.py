@@ -83,7 +83,7 @@ def wait_watching(agent: AgentProcess, watched: Path, db: Path) -> None:
     probe = watched / "probe.txt"
     probe.write_text("probe")
     wait_until(
-        lambda: db.exists() and str(probe) in local_paths(db) or agent.poll() is not None,
+        lambda: (db.exists() and str(probe) in local_paths(db)) or agent.poll() is not None,
         30,
         "the watcher to record a probe file",
     )
