@@ -1,7 +1,6 @@
 """PostgreSQL URLs: checked, and shown without their secrets.
 
-Standard library only: `scripts/show-sync-stats.sh` imports it with any Python, without the
-package's dependencies (pydantic alone would triple the script's start-up time).
+Standard library only, so anything may import it cheaply.
 """
 
 from __future__ import annotations
@@ -9,8 +8,33 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 
+_MUST_ENCODE = "@/?#[]"
+ENCODING_HINT = (
+    "percent-encode it: %40 for @, %3A for :, %2F for /, %3F for ?, %23 for # (for example "
+    "python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' "
+    "PASSWORD)"
+)
+
+
+def _check_userinfo(url: str) -> None:
+    """A raw reserved character in the user name or password makes the URL mean something
+    else (another host, a path), so it is refused before any driver guesses."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    at = rest.rfind("@")
+    if at < 0:
+        return
+    userinfo = rest[:at]
+    _, colon, password = userinfo.partition(":")
+    if any(c in userinfo for c in _MUST_ENCODE) or (colon and ":" in password):
+        raise ValueError(
+            "the user name or password holds a character that must be percent-encoded in a "
+            f"URL (@ : / ? #): {ENCODING_HINT}"
+        )
+
+
 def check_postgres_url(url: str) -> None:
     """Raise ValueError (without quoting the URL) when `url` is not a usable PostgreSQL URL."""
+    _check_userinfo(url)
     try:
         parts = urlsplit(url)
         port = parts.port

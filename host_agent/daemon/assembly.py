@@ -89,6 +89,7 @@ async def open_sync(config: AgentConfig, *, once: bool) -> AsyncIterator[SyncEng
             sources,
             sink,
             batch_size=sync.batch_size,
+            batch_max_bytes=sync.batch_max_bytes,
             quick_retries=sync.max_retries,
             retry_policy=ONCE_RETRY_POLICY if once else DAEMON_RETRY_POLICY,
             deadline_seconds=sync.once_deadline_seconds if once else None,

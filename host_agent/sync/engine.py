@@ -181,6 +181,7 @@ class SyncEngine:
         sink: PostgresSink,
         *,
         batch_size: int,
+        batch_max_bytes: int = 16 * 2**20,
         quick_retries: int,
         retry_policy: RetryPolicy = QUICK_RETRY_POLICY,
         deadline_seconds: float | None = None,
@@ -189,6 +190,7 @@ class SyncEngine:
         self.sources = list(sources)
         self.sink = sink
         self.batch_size = batch_size
+        self.batch_max_bytes = batch_max_bytes
         self.quick_retries = quick_retries
         self.retry_policy = retry_policy
         self.deadline_seconds = deadline_seconds
@@ -353,7 +355,9 @@ class SyncEngine:
         async def produce() -> None:
             after = cursor
             while True:
-                batch = await source.read_batch(plan.local_columns, after, self.batch_size)
+                batch = await source.read_batch(
+                    plan.local_columns, after, self.batch_size, self.batch_max_bytes
+                )
                 if batch is None:
                     await ready.put(None)
                     return

@@ -28,14 +28,16 @@ from host_agent.sync.records import LocalRow, ReadBatch, RunRecord
 
 
 def read_batch_sql(table: LocalTable, local_columns: Sequence[str]) -> str:
-    """The keyset read: (id, row_version, *local_columns) of unsynced rows after an id.
+    """The keyset read: (id, row_version, *local_columns, bytes) of unsynced rows after an id;
+    `bytes` is the size of the row's values, computed by SQLite, which bounds a batch's memory.
 
     `INDEXED BY` pins the plan to the synced_at index (entries `(NULL, id)` for unsynced rows,
     so `id > ?` is a range seek). Without it, statistics from an ANALYZE can make SQLite walk
     the table in id order instead, through every synced row before the first unsynced one: a
     cost that grows with the history, which keyset pagination exists to avoid.
     """
-    select = ", ".join(("t.id", "t.row_version", *(f"t.{c}" for c in local_columns)))
+    size = " + ".join(f"coalesce(length(CAST(t.{c} AS BLOB)), 0)" for c in local_columns) or "0"
+    select = ", ".join(("t.id", "t.row_version", *(f"t.{c}" for c in local_columns), size))
     return (
         f"SELECT {select} FROM {table.name} t INDEXED BY {table.synced_index} "
         f"WHERE t.synced_at IS NULL AND t.id > ? AND {NOT_QUARANTINED} "
@@ -55,9 +57,28 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _fetch(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> list[LocalRow]:
-    with contextlib.closing(conn.execute(sql, args)) as cursor:
-        return cursor.fetchall()
+FIRST_CHUNK_ROWS = 16
+MAX_CHUNK_ROWS = 1024
+
+
+def _fetch(
+    conn: sqlite3.Connection, sql: str, after_id: int, limit: int, max_bytes: int
+) -> list[LocalRow]:
+    """Up to `limit` rows, stopping once they hold `max_bytes` (at least one row). Rows come
+    in chunks sized from the largest row seen, so a few huge rows never arrive all at once."""
+    rows: list[LocalRow] = []
+    total = 0
+    chunk = FIRST_CHUNK_ROWS
+    with contextlib.closing(conn.execute(sql, (after_id, limit))) as cursor:
+        while len(rows) < limit and total < max_bytes:
+            part = cursor.fetchmany(min(chunk, limit - len(rows)))
+            if not part:
+                break
+            rows.extend(part)
+            sizes = [r[-1] for r in part]
+            total += sum(sizes)
+            chunk = max(1, min(MAX_CHUNK_ROWS, (max_bytes - total) // max(1, max(sizes))))
+    return rows
 
 
 def _read_batch(
@@ -66,11 +87,12 @@ def _read_batch(
     local_columns: Sequence[str],
     after_id: int,
     limit: int,
+    max_bytes: int,
 ) -> ReadBatch | None:
     snapshot = journal.counter(conn)
     undecodable: list[Rejection] = []
     try:
-        rows = _fetch(conn, sql, (after_id, limit))
+        rows = _fetch(conn, sql, after_id, limit, max_bytes)
     except sqlite3.OperationalError as exc:
         if "decode" not in str(exc):
             raise
@@ -78,14 +100,14 @@ def _read_batch(
         # the rows that hold such text instead of failing the whole batch forever.
         conn.text_factory = _decode_lossless
         try:
-            rows = _fetch(conn, sql, (after_id, limit))
+            rows = _fetch(conn, sql, after_id, limit, max_bytes)
         finally:
             conn.text_factory = str
         clean: list[LocalRow] = []
         for row in rows:
             bad = [
                 name
-                for name, value in zip(local_columns, row[2:], strict=True)
+                for name, value in zip(local_columns, row[2:-1], strict=True)
                 if isinstance(value, str) and not _is_utf8(value)
             ]
             if bad:
@@ -132,11 +154,14 @@ class LocalSource:
         return await self._reader.run(_columns, self.table.name)
 
     async def read_batch(
-        self, local_columns: Sequence[str], after_id: int, limit: int
+        self, local_columns: Sequence[str], after_id: int, limit: int, max_bytes: int
     ) -> ReadBatch | None:
-        """The next `limit` unsynced, unquarantined rows with id > after_id, or None."""
+        """The next unsynced, unquarantined rows with id > after_id: at most `limit` rows, and
+        no more once they hold `max_bytes` of values (but at least one); None when none."""
         sql = read_batch_sql(self.table, local_columns)
-        return await self._reader.run(_read_batch, sql, local_columns, after_id, limit)
+        return await self._reader.run(
+            _read_batch, sql, local_columns, after_id, limit, max_bytes
+        )
 
     async def mark(
         self, batch: ReadBatch, rejected: Sequence[Rejection], now: float | None = None

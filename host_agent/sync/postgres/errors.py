@@ -10,12 +10,21 @@ import asyncio
 
 import asyncpg
 
-from host_agent.errors import SchemaMismatch, SinkAuthFailed, SinkError, SinkUnavailable
+from host_agent.errors import (
+    SchemaMismatch,
+    SinkAuthFailed,
+    SinkError,
+    SinkReadOnly,
+    SinkUnavailable,
+)
 from host_agent.logging import redact
 
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "40", "58")  # connection, resources,
 # operator intervention (shutdown), transaction rollback (serialization), system error
 _AUTH_SQLSTATES = frozenset({"28000", "28P01", "42501"})
+# read_only_sql_transaction (a replica, default_transaction_read_only, a failover under way),
+# cannot_connect_now (starting up, in recovery)
+_READ_ONLY_SQLSTATES = frozenset({"25006", "57P03"})
 _SCHEMA_SQLSTATES = frozenset({"42P01", "42703", "3D000", "42704", "3F000"})
 
 
@@ -30,6 +39,11 @@ def translate(exc: BaseException) -> SinkError:
         return exc
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
+        if state in _READ_ONLY_SQLSTATES:
+            return SinkReadOnly(
+                f"PostgreSQL is read-only or recovering (a replica, or a failover under way); "
+                f"retrying later: {_message(exc)}"
+            )
         if state in _AUTH_SQLSTATES:
             return SinkAuthFailed(f"PostgreSQL refused the credentials: {_message(exc)}")
         if state in _SCHEMA_SQLSTATES:
