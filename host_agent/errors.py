@@ -1,9 +1,10 @@
 """Every error host-agent raises, split first by whether retrying later can help.
 
-    HostAgentError              base: `retryable`, `exit_code`                        exit  retry
+    class                       what it means                                       exit  retry
+    HostAgentError              base (`retryable`, `exit_code`): an unexpected error   1     no
     ├── ConfigError             bad configuration or usage; names the key              2     no
     ├── AgentAlreadyRunning     another agent holds this data directory's lock         6     no
-    ├── TriggerError            `trigger-sync` got no result
+    ├── TriggerError            `trigger-sync` got no result                           1     no
     │   ├── AgentNotRunning     no agent runs on these local files                     7     no
     │   ├── TriggerRefused      the agent belongs to another user                      8     no
     │   └── TriggerTimedOut     the triggered run did not finish within --wait         9     yes

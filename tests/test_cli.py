@@ -130,3 +130,23 @@ def test_status_reports_missing_local_files_instead_of_creating_them(tmp_path: P
     assert not (tmp_path / "desktop_activity.db").exists()
     text = run_cli(tmp_path, url, "status")
     assert f"no local file at {tmp_path / 'file_changes.db'}" in text.stdout
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`host-agent status --json | head -1`: the reader is gone before the output is written."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"database: {{file_events_db: {tmp_path / 'f.db'}, "
+        f"desktop_activity_db: {tmp_path / 'd.db'}}}\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write meets a closed pipe
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "host_agent", "--config", str(config), "status", "--json"],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

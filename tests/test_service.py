@@ -6,9 +6,11 @@ import json
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,36 @@ def test_metrics_address_must_be_loopback(tmp_path: Path) -> None:
     result = run_agent(config, "status", env=agent_env(), cwd=tmp_path)
     assert result.returncode == 2
     assert "metrics.address" in result.stderr and "loopback" in result.stderr
+
+
+def test_status_shows_the_wake_up_run_that_is_due_not_the_interval(
+    tmp_path: Path, schema_url: str, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, address = notify_socket
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    config = write_config(
+        tmp_path / "config.yaml",
+        url=schema_url,
+        data_dir=tmp_path / "data",
+        collectors={"filesystem": {"enabled": True, "roots": [str(watched)], "coalesce_ms": 50}},
+    )
+    env = agent_env(data_sync_interval_seconds=3600, data_sync_wake_delay_seconds=20)
+    env["NOTIFY_SOCKET"] = address
+    with AgentProcess(config, "run", env=env, workdir=tmp_path) as agent:
+        assert sock.recv(256) == b"READY=1", agent.output()
+
+        def next_run_in() -> float:
+            out = run_agent(config, "status", "--json", env=agent_env(), cwd=tmp_path)
+            assert out.returncode == 0, out.stderr
+            due = json.loads(out.stdout)["agent"]["next_sync_at"]
+            return datetime.fromisoformat(due).timestamp() - time.time() if due else 1e9
+
+        wait_until(lambda: next_run_in() > 3000, 30, "the interval as the next run at first")
+        (watched / "new.txt").write_text("x")
+        # New rows bring the next run forward to wake_delay_seconds after them.
+        wait_until(lambda: next_run_in() < 25, 30, "status to show the wake-up run")
+        text = run_agent(config, "status", env=agent_env(), cwd=tmp_path).stdout
+        assert "next run:" in text
+        agent.send(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, agent.output()

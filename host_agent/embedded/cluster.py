@@ -54,8 +54,9 @@ _BIND_ATTEMPTS: Final = 3
 _QUICK_TIMEOUT: Final = 30.0
 
 
-class LocalPostgresError(EmbeddedPostgresError):
-    """The local cluster could not be set up, started, stopped or queried."""
+# The cluster's failures are the error tree's EmbeddedPostgresError (exit 1); the old name stays
+# for readers of this module.
+LocalPostgresError = EmbeddedPostgresError
 
 
 def free_port() -> int:
