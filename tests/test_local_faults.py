@@ -343,8 +343,9 @@ def newer_schema_file(data_dir: Path) -> Path:
         (truncated_file, "is corrupt"),
         (foreign_sqlite_file, "belongs to something else (it holds moz_places"),
         (not_sqlite_file, "is not an SQLite database"),
-        (newer_schema_file, "has schema version 4 (migration 0099_from_a_newer_agent), written "
-                            "by a newer host-agent; this one knows up to version 3"),
+        (newer_schema_file, f"has schema version {len(FILE_CHANGES.migrations) + 1} (migration "
+                            "0099_from_a_newer_agent), written by a newer host-agent; this one "
+                            f"knows up to version {len(FILE_CHANGES.migrations)}"),
     ],
     ids=["truncated", "foreign-sqlite", "not-sqlite", "newer-schema"],
 )

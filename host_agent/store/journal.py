@@ -5,6 +5,7 @@
     sync_runs           runs not yet in the server's sync_logs (kept while it is unreachable)
     sync_state          the last run's outcome and the loop's schedule, for `status`
     synced_at           the mark on each data row ("this version is on the server")
+    store_identity      the store's identity (read here; made once by its migration)
 
 Every function takes a `sqlite3.Connection` and blocks: the sync engine calls them on its
 connections' worker threads (`host_agent.store.connection.AsyncConnection`), `status`,
@@ -101,6 +102,14 @@ _RUN_COLUMNS = (
     "table_name, sync_started_at, sync_completed_at, records_synced, records_failed, status, "
     "error_message"
 )
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+def store_id(conn: sqlite3.Connection) -> str:
+    """This store's identity (a UUID), part of every row's key on the server."""
+    return str(conn.execute("SELECT store_id FROM store_identity WHERE id = 1").fetchone()[0])
 
 
 # --- runs and state -------------------------------------------------------------------------

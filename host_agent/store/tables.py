@@ -13,11 +13,14 @@ later migrations with defaults, so an INSERT naming only the documented columns 
 - `sync_rejected_rows`: rows PostgreSQL refused, with the reason (quarantine).
 - `sync_runs`: sync runs not yet written to PostgreSQL's `sync_logs` (kept while offline).
 - `sync_state`: the sync loop's last result and backoff, readable by `host-agent status`.
+- `store_identity`: the store's random identity, part of every row's key on the server.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,6 +111,28 @@ def _sync_bookkeeping(table: str) -> tuple[Step, ...]:
     )
 
 
+def _store_identity(table: str) -> tuple[Step, ...]:
+    """The store's identity, made once: a random UUID for a new store; the nil UUID for a
+    store that already held rows, whose rows are on servers under that identity."""
+
+    def assign(conn: sqlite3.Connection) -> None:
+        held = conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]
+        identity = str(uuid.UUID(int=0) if held else uuid.uuid4())
+        conn.execute(
+            "INSERT OR IGNORE INTO store_identity (id, store_id, created_at) VALUES (1, ?, ?)",
+            (identity, int(time.time())),
+        )
+
+    return (
+        """CREATE TABLE IF NOT EXISTS store_identity (
+               id INTEGER PRIMARY KEY CHECK (id = 1),
+               store_id TEXT NOT NULL,
+               created_at INTEGER NOT NULL
+           )""",
+        assign,
+    )
+
+
 DESKTOP_ACTIVITY = LocalTable(
     name="desktop_activity_sessions",
     config_key="desktop_activity_db",
@@ -146,6 +171,7 @@ DESKTOP_ACTIVITY = LocalTable(
             ),
         ),
         Migration("0003_sync_bookkeeping", _sync_bookkeeping("desktop_activity_sessions")),
+        Migration("0004_store_identity", _store_identity("desktop_activity_sessions")),
     ),
 )
 
@@ -187,6 +213,7 @@ FILE_CHANGES = LocalTable(
             "0003_add_file_path_raw",
             (_add_column_if_missing("file_change_events", "file_path_raw", "BLOB"),),
         ),
+        Migration("0004_store_identity", _store_identity("file_change_events")),
     ),
 )
 

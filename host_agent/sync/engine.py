@@ -306,7 +306,9 @@ class SyncEngine:
     async def _plan(self, source: LocalSource) -> TablePlan:
         plan = self._plans.get(source.table.name)
         if plan is None:
-            plan = await self.sink.plan(source.table.name, await source.columns())
+            plan = await self.sink.plan(
+                source.table.name, source.store_id, await source.columns()
+            )
             self._plans[source.table.name] = plan
         return plan
 
@@ -429,14 +431,14 @@ class SyncEngine:
                     await self._write_held(source)
                 except StoreError:
                     # The file still refuses: the server takes them directly.
-                    await self.sink.write_sync_logs([run for run, _ in held])
+                    await self.sink.write_sync_logs([run for run, _ in held], source.store_id)
                     written += len(held)
                     held.clear()
             while True:
                 pending = await source.pending_runs()
                 if not pending:
                     break
-                await self.sink.write_sync_logs([run for _, run in pending])
+                await self.sink.write_sync_logs([run for _, run in pending], source.store_id)
                 await source.forget_runs(pending[-1][0])
                 written += len(pending)
         return written

@@ -137,11 +137,13 @@ class LocalSource:
         self._marker = AsyncConnection(
             self.path, "PRAGMA synchronous=NORMAL", name=f"sync-mark-{table.name}"
         )
+        self.store_id = ""
 
     async def open(self) -> None:
         try:
             await self._reader.open()
             await self._marker.open()
+            self.store_id = await self._reader.run(journal.store_id)
         except BaseException:
             await self.close()
             raise

@@ -1,7 +1,8 @@
 """What to ship for one table, derived from the live PostgreSQL columns and the local ones.
 
 Every PostgreSQL column is filled from the local column of the same name, except three:
-`host_identifier` (this host), `source_id` (the local row id) and `synced_at` (the server's
+`host_identifier` (this host), `store_id` (this store's identity), `source_id` (the local row
+id) and `synced_at` (the server's
 receive time, left to its default). Values are converted by the PostgreSQL type.
 
 Two ways to convert, because this is the sync's hottest loop:
@@ -16,18 +17,23 @@ Two ways to convert, because this is the sync's hottest loop:
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from host_agent.errors import SchemaMismatch
-from host_agent.sync.postgres.schema import PgColumn
+from host_agent.sync.postgres.schema import TableShape
 from host_agent.sync.records import LocalRow, Rejection
 
 Converter = Callable[[Any], Any]
 
 SERVER_SIDE = frozenset({"synced_at"})
+# The columns that make a row's identity on the server (its unique key holds them, and the
+# partition column too); HOST and STORE mark the two the sink fills itself.
+IDENTITY_COLUMNS = ("host_identifier", "store_id", "source_id")
+HOST, STORE = -1, -2
 _INT_RANGES = {"int2": 2**15, "int4": 2**31, "int8": 2**63}
 
 
@@ -117,9 +123,12 @@ def converter_for(type_name: str) -> Converter | None:
 class TablePlan:
     table: str
     host: str
+    store_id: uuid.UUID
+    identity: tuple[str, ...]  # the unique key an upsert's ON CONFLICT names
+    copy_allowed: bool  # False under row level security: COPY FROM is refused there
     pg_columns: tuple[str, ...]  # COPY column order
     local_columns: tuple[str, ...]  # SELECT order after id, row_version
-    _sources: tuple[int, ...]  # per pg column: -1 host, else index into LocalRow
+    _sources: tuple[int, ...]  # per pg column: HOST, STORE, else index into LocalRow
     _converters: tuple[Converter | None, ...]
     _types: tuple[str, ...]  # per pg column: its pg_catalog type name
 
@@ -140,7 +149,7 @@ class TablePlan:
 
     def convert_batch(self, rows: Sequence[LocalRow]) -> list[tuple[Any, ...]]:
         """All rows converted, or an exception if any value does not convert."""
-        return _batch_converter(self._sources, self._converters)(self.host, rows)
+        return _batch_converter(self._sources, self._converters)(self.host, self.store_id, rows)
 
     def diagnose(self, record: Sequence[Any]) -> str | None:
         """Why asyncpg's encoder would refuse `record`, naming the column; None if unknown."""
@@ -170,7 +179,9 @@ class TablePlan:
         for name, source, convert in zip(
             self.pg_columns, self._sources, self._converters, strict=True
         ):
-            value = self.host if source < 0 else row[source]
+            value = self.host if source == HOST else self.store_id if source == STORE else (
+                row[source]
+            )
             if convert is not None:
                 try:
                     value = convert(value)
@@ -189,20 +200,31 @@ class TablePlan:
 
 
 def build_plan(
-    table: str, host: str, pg_columns: Sequence[PgColumn], local_columns: Sequence[str]
+    table: str,
+    host: str,
+    store_id: str,
+    shape: TableShape,
+    local_columns: Sequence[str],
 ) -> TablePlan:
     """Match PostgreSQL columns to local ones; raise SchemaMismatch for what cannot be filled."""
+    pg_columns = shape.columns
     if not pg_columns:
         raise SchemaMismatch(
             f"table {table} does not exist in PostgreSQL: run `host-agent init-db`"
         )
     local = [c for c in local_columns if c not in ("id", "row_version")]
     names = {c.name for c in pg_columns}
-    for required in ("host_identifier", "source_id", "row_version"):
+    for required in (*IDENTITY_COLUMNS, "row_version"):
         if required not in names:
             raise SchemaMismatch(
                 f"{table}.{required} is missing in PostgreSQL: run `host-agent init-db`"
             )
+    identity = shape.identity_key(IDENTITY_COLUMNS)
+    if identity is None:
+        raise SchemaMismatch(
+            f"{table} has no unique key on ({', '.join(IDENTITY_COLUMNS)}) in PostgreSQL, so a "
+            "re-sent row would be stored twice: run `host-agent init-db`"
+        )
     shipped: list[str] = []
     types: list[str] = []
     selected: list[str] = []
@@ -212,7 +234,9 @@ def build_plan(
         if column.name in SERVER_SIDE:
             continue
         if column.name == "host_identifier":
-            source = -1
+            source = HOST
+        elif column.name == "store_id":
+            source = STORE
         elif column.name == "source_id":
             source = 0
         elif column.name == "row_version":
@@ -233,6 +257,9 @@ def build_plan(
     return TablePlan(
         table=table,
         host=host,
+        store_id=uuid.UUID(store_id),
+        identity=identity,
+        copy_allowed=not shape.row_security,
         pg_columns=tuple(shipped),
         local_columns=tuple(selected),
         _sources=tuple(sources),
@@ -250,6 +277,7 @@ _PY_TYPES: dict[str, tuple[type[Any], int]] = {
     "bool": (bool, 0),
     "timestamptz": (datetime, 0),
     "bytea": (bytes, 0),
+    "uuid": (uuid.UUID, 0),
 }
 _BOOLEANS: dict[Any, bool | None] = {0: False, 1: True, None: None}
 
@@ -257,14 +285,14 @@ _BOOLEANS: dict[Any, bool | None] = {0: False, 1: True, None: None}
 @functools.lru_cache(maxsize=32)
 def _batch_converter(
     sources: tuple[int, ...], converters: tuple[Converter | None, ...]
-) -> Callable[[str, Sequence[LocalRow]], list[tuple[Any, ...]]]:
-    """Compile `[(host, r[0], r[1], ts(r[2]), ...) for r in rows]` for one column layout.
+) -> Callable[[str, uuid.UUID, Sequence[LocalRow]], list[tuple[Any, ...]]]:
+    """Compile `[(host, store, r[0], r[1], ts(r[2]), ...) for r in rows]` for one layout.
 
     Generated code, because a Python call per value was most of the sync's CPU time. Only
     constant indexes and fixed helper names are interpolated, never data."""
     parts = []
     for source, convert in zip(sources, converters, strict=True):
-        value = "host" if source < 0 else f"r[{int(source)}]"
+        value = "host" if source == HOST else "store" if source == STORE else f"r[{int(source)}]"
         if convert is _timestamptz:
             value = (
                 f"(None if {value} is None else fromtimestamp({value}, UTC) "
@@ -273,7 +301,7 @@ def _batch_converter(
         elif convert is _boolean:
             value = f"booleans[{value}]"
         parts.append(value)
-    source_code = f"lambda host, rows: [({', '.join(parts)},) for r in rows]"
+    source_code = f"lambda host, store, rows: [({', '.join(parts)},) for r in rows]"
     namespace = {
         "fromtimestamp": datetime.fromtimestamp,
         "UTC": UTC,
@@ -282,7 +310,7 @@ def _batch_converter(
         "high": _EPOCH_HIGH,
         "refuse": _refuse,
     }
-    converter: Callable[[str, Sequence[LocalRow]], list[tuple[Any, ...]]] = eval(
+    converter: Callable[[str, uuid.UUID, Sequence[LocalRow]], list[tuple[Any, ...]]] = eval(
         compile(source_code, "<host_agent batch converter>", "eval"), namespace
     )
     return converter

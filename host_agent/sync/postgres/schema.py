@@ -15,9 +15,9 @@ from importlib.abc import Traversable
 
 import asyncpg
 
-from host_agent.errors import SchemaMismatch
+from host_agent.errors import SchemaMismatch, SinkAuthFailed
 
-REQUIRED_SCHEMA_VERSION = 2
+REQUIRED_SCHEMA_VERSION = 3  # store identity in every key, partitioned event tables
 # Serialises concurrent init-db runs from many hosts against one server.
 _INIT_LOCK_KEY = 0x686F7374_6167  # "hostag"
 
@@ -60,6 +60,41 @@ async def schema_version(conn: asyncpg.Connection) -> int | None:
     return int(value) if value is not None else None
 
 
+@dataclass(frozen=True)
+class TableShape:
+    """What the server's table is like, as far as shipping to it goes."""
+
+    columns: list[PgColumn]
+    unique_keys: list[tuple[str, ...]]
+    row_security: bool  # row level security applies to this connection's role
+
+    def identity_key(self, required: tuple[str, ...]) -> tuple[str, ...] | None:
+        """The unique key holding every `required` column (the shortest such), if any."""
+        keys = [key for key in self.unique_keys if set(required) <= set(key)]
+        return min(keys, key=len) if keys else None
+
+
+async def read_table(conn: asyncpg.Connection, table: str) -> TableShape:
+    columns = await table_columns(conn, table)
+    keys = await conn.fetch(
+        """
+        SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns
+          FROM pg_index i
+         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = to_regclass($1) AND i.indisunique
+         GROUP BY i.indexrelid
+        """,
+        table,
+    )
+    secured = await conn.fetchval(
+        "SELECT CASE WHEN to_regclass($1) IS NULL THEN false "
+        "ELSE row_security_active(to_regclass($1)) END",
+        table,
+    )
+    return TableShape(columns, [tuple(r["columns"]) for r in keys], bool(secured))
+
+
 async def table_columns(conn: asyncpg.Connection, table: str) -> list[PgColumn]:
     """The columns of `table` in the connection's search path, in table order."""
     rows = await conn.fetch(
@@ -73,6 +108,23 @@ async def table_columns(conn: asyncpg.Connection, table: str) -> list[PgColumn]:
         table,
     )
     return [PgColumn(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+async def check_host(conn: asyncpg.Connection, host: str) -> None:
+    """Raise `SinkAuthFailed` when this login belongs to another registered host: its rows
+    would be refused anyway, so say so before anything is written."""
+    registered = await conn.fetchval(
+        "SELECT to_regprocedure('host_agent_host_of(name)') IS NOT NULL"
+    )
+    if not registered:
+        return
+    owner = await conn.fetchval("SELECT host_agent_host_of(current_user)")
+    if owner is not None and owner != host:
+        raise SinkAuthFailed(
+            f"these PostgreSQL credentials belong to host {owner!r}: they may write only its "
+            f"rows, and this agent's host_identifier is {host!r} (use the URL `host-agent admin "
+            f"add-host {host}` printed for it, or set host_identifier to {owner!r})"
+        )
 
 
 async def check_schema(conn: asyncpg.Connection) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,10 +39,9 @@ import asyncpg
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
 from host_agent.sync.postgres.errors import is_row_error, row_error_message, translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan
-from host_agent.sync.postgres.schema import apply_schema, check_schema, table_columns
+from host_agent.sync.postgres.schema import apply_schema, check_host, check_schema, read_table
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
 
-IDENTITY = ("host_identifier", "source_id")
 _PROGRESS_EVERY = 256  # records pulled into a COPY between progress stamps
 
 
@@ -121,6 +121,7 @@ class PostgresSink:
             if check:
                 async with self._conn.transaction():
                     await check_schema(self._conn)
+                    await check_host(self._conn, self.host)
 
     @contextlib.asynccontextmanager
     async def _guard(self, *, drop: bool = True) -> AsyncIterator[None]:
@@ -193,12 +194,12 @@ class PostgresSink:
         async with self._guard(drop=False):
             return await apply_schema(self._connection())
 
-    async def plan(self, table: str, local_columns: Sequence[str]) -> TablePlan:
+    async def plan(self, table: str, store_id: str, local_columns: Sequence[str]) -> TablePlan:
         async with self._guard():
             conn = self._connection()
             async with conn.transaction(readonly=True):
-                pg_columns = await table_columns(conn, table)
-        return build_plan(table, self.host, pg_columns, local_columns)
+                shape = await read_table(conn, table)
+        return build_plan(table, self.host, store_id, shape, local_columns)
 
     async def write_records(
         self,
@@ -256,6 +257,8 @@ class PostgresSink:
         progress: _Progress,
     ) -> int:
         version = plan.version_index
+        if not plan.copy_allowed:  # row level security: every row takes the upsert
+            return await self._upsert(conn, plan, records, progress)
         fresh = [r for r in records if r[version] == 0]
         changed = [r for r in records if r[version] != 0] if len(fresh) != len(records) else []
         written = 0
@@ -282,7 +285,9 @@ class PostgresSink:
     ) -> int:
         stage = f"host_agent_stage_{plan.table}"
         columns = ", ".join(plan.pg_columns)
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in plan.pg_columns if c not in IDENTITY)
+        updates = ", ".join(
+            f"{c} = EXCLUDED.{c}" for c in plan.pg_columns if c not in plan.identity
+        )
         await conn.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
             f"(LIKE {plan.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -293,7 +298,7 @@ class PostgresSink:
         )
         status = await conn.execute(
             f"INSERT INTO {plan.table} AS target ({columns}) SELECT {columns} FROM {stage} "
-            f"ON CONFLICT ({', '.join(IDENTITY)}) DO UPDATE SET {updates}, "
+            f"ON CONFLICT ({', '.join(plan.identity)}) DO UPDATE SET {updates}, "
             "synced_at = CURRENT_TIMESTAMP "
             "WHERE target.row_version < EXCLUDED.row_version",
             timeout=self._command_timeout,
@@ -301,11 +306,13 @@ class PostgresSink:
         progress.touch()
         return _count(status)
 
-    async def write_sync_logs(self, runs: Sequence[RunRecord]) -> None:
-        """Append runs to sync_logs. Idempotent: a run already there (same host, table and
-        start time) is not added again, so a retry after a lost acknowledgement is harmless."""
+    async def write_sync_logs(self, runs: Sequence[RunRecord], store_id: str) -> None:
+        """Append runs (of one store) to sync_logs. Idempotent: a run already there (same
+        host, store, table and start time) is not added again, so a retry after a lost
+        acknowledgement is harmless."""
         if not runs:
             return
+        store = uuid.UUID(store_id)
         args = [
             (
                 _ts(run.started_at),
@@ -316,6 +323,7 @@ class PostgresSink:
                 run.status,
                 run.error_message,
                 self.host,
+                store,
             )
             for run in runs
         ]
@@ -326,11 +334,12 @@ class PostgresSink:
                     """
                     INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,
                                            records_synced, records_failed, status,
-                                           error_message, host_identifier)
-                    SELECT $1, $2, $3, $4, $5, $6, $7, $8
+                                           error_message, host_identifier, store_id)
+                    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
                      WHERE NOT EXISTS (SELECT 1 FROM sync_logs
-                                        WHERE sync_started_at = $1 AND table_name = $3
-                                          AND host_identifier = $8)
+                                        WHERE host_identifier = $8 AND table_name = $3
+                                          AND sync_started_at = $1
+                                          AND store_id IS NOT DISTINCT FROM $9)
                     """,
                     args,
                     timeout=self._command_timeout,
