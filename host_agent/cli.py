@@ -99,6 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="when database.postgres_url is unset, start a PostgreSQL cluster in DIR "
         "(created on first use) and run against it",
     )
+    admin = sub.add_parser(
+        "admin", help="server administration: per-host logins, partitions (administrator URL)"
+    )
+    admin.add_argument(
+        "--admin-url",
+        metavar="URL",
+        help="an administrator's PostgreSQL URL (default: database.admin_url, then "
+        "database.postgres_url); visible in the process list: prefer the config",
+    )
+    actions = admin.add_subparsers(dest="admin_action", required=True, metavar="ACTION")
+    add_host = actions.add_parser(
+        "add-host", help="create a login for one host that may write only its own rows"
+    )
+    add_host.add_argument("name", help="the host's host_identifier")
+    add_host.add_argument(
+        "--token", action="store_true", help="also make a token for the gateway (shown once)"
+    )
+    remove_host = actions.add_parser("remove-host", help="revoke a host's login and token now")
+    remove_host.add_argument("name", help="the host's host_identifier")
+    maintain = actions.add_parser(
+        "maintain",
+        help="create the coming months' partitions, empty the default partition, drop "
+        "partitions older than database.server_retention_days",
+    )
+    maintain.add_argument(
+        "--months-ahead", type=int, default=2, metavar="N", help="months to create ahead (2)"
+    )
     local = sub.add_parser(
         "local-postgres", help="start, stop or inspect the embedded PostgreSQL cluster"
     )
@@ -181,6 +208,38 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     return run_main(config, args.local_postgres)
 
 
+def _admin(args: argparse.Namespace, config: AgentConfig) -> int:
+    import asyncio
+
+    from host_agent.commands import admin
+
+    if args.admin_action == "add-host":
+        new = asyncio.run(
+            admin.add_host(config, args.name, explicit_url=args.admin_url, with_token=args.token)
+        )
+        print(f"host {new.host_identifier}: login {new.role_name} created.")
+        print("Its database.postgres_url (shown once, keep it secret):")
+        print(f"  {new.url}")
+        if new.token is not None:
+            print("Its gateway.token (shown once, keep it secret):")
+            print(f"  {new.token}")
+        return 0
+    if args.admin_action == "remove-host":
+        removed = asyncio.run(admin.remove_host(config, args.name, explicit_url=args.admin_url))
+        print(
+            f"host {args.name}: login and token revoked; its rows are kept"
+            if removed
+            else f"host {args.name}: not registered (nothing to revoke)"
+        )
+        return 0
+    done = asyncio.run(
+        admin.maintain(config, explicit_url=args.admin_url, months_ahead=args.months_ahead)
+    )
+    for line in done.lines():
+        print(line)
+    return 0
+
+
 def _local_postgres(args: argparse.Namespace, config: AgentConfig) -> int:
     from host_agent.commands.local_postgres import main as local_main
 
@@ -194,6 +253,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
     "status": _status,
     "stats": _stats,
     "run": _run,
+    "admin": _admin,
     "local-postgres": _local_postgres,
 }
 

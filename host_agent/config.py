@@ -30,7 +30,7 @@ ENV_CONFIG_PATH = "HOST_AGENT_CONFIG"
 # HOST_AGENT_* variables that are not configuration keys: the config file's path, the
 # PostgreSQL binaries for the embedded server (host_agent.embedded).
 NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, "HOST_AGENT_PG_BIN"})
-SECRET_KEYS = frozenset({"database.postgres_url"})
+SECRET_KEYS = frozenset({"database.postgres_url", "database.admin_url"})
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -43,17 +43,19 @@ class DatabaseConfig(_Section):
     desktop_activity_db: Path = Path("./data/desktop_activity.db")
     file_events_db: Path = Path("./data/file_changes.db")
     postgres_url: SecretStr | None = None
+    admin_url: SecretStr | None = None
     retention_days: float = Field(30, ge=0)
     max_local_db_mb: float | None = Field(None, gt=0)
     size_limit_policy: Literal["stop_collecting", "drop_oldest_unsynced"] = "stop_collecting"
     max_buffered_rows: int = Field(100_000, ge=100, le=10_000_000)
+    server_retention_days: float = Field(0, ge=0)
 
     @field_validator("desktop_activity_db", "file_events_db")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("postgres_url", mode="before")
+    @field_validator("postgres_url", "admin_url", mode="before")
     @classmethod
     def _check_url(cls, value: object) -> object:
         if value is None or value == "":
@@ -73,6 +75,7 @@ class DataSyncConfig(_Section):
     retry_backoff_seconds: float = Field(30, gt=0)
     retry_backoff_max_seconds: float = Field(900, gt=0)
     wake_delay_seconds: float = Field(10, ge=0)
+    start_jitter_seconds: float = Field(5, ge=0, le=3600)
     connect_timeout_seconds: float = Field(10, gt=0)
     command_timeout_seconds: float = Field(120, gt=0)
     once_deadline_seconds: float = Field(10, gt=0)
@@ -176,6 +179,11 @@ class AgentConfig(_Section):
     @property
     def postgres_url(self) -> str | None:
         url = self.database.postgres_url
+        return url.get_secret_value() if url is not None else None
+
+    @property
+    def admin_url(self) -> str | None:
+        url = self.database.admin_url
         return url.get_secret_value() if url is not None else None
 
 

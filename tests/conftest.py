@@ -112,6 +112,7 @@ def make_config(tmp_path: Path) -> Callable[..., AgentConfig]:
                 "postgres_url": url,
             },
             "collectors": {"desktop": {"enabled": False}},
+            "data_sync": {"start_jitter_seconds": 0},
         }
         for key, value in sections.items():
             if isinstance(value, dict):

@@ -49,7 +49,8 @@ from host_agent.commands.status import collect_status
 from host_agent.commands.sync import sync_once
 from host_agent.config import AgentConfig
 from host_agent.daemon.agent import Agent
-from host_agent.embedded.cluster import LocalPostgres, free_port, scram_verifier
+from host_agent.embedded.cluster import LocalPostgres, free_port
+from host_agent.scram import scram_verifier
 from host_agent.store import FILE_CHANGES, RowWriter
 from host_agent.sync.loop import SyncLoop
 

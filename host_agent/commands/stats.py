@@ -359,10 +359,21 @@ async def fetch_report(
 ) -> Report:
     """Connect to `url`, check that the report can be read, and read it. Every await has a
     timeout; the connection is closed whatever happens."""
+    from host_agent.sync.postgres.connect import close_quietly, connect
     from host_agent.sync.postgres.errors import translate
 
     shown = redact_url(url)
-    conn = await _connect(url, shown, connect_timeout, command_timeout)
+    try:
+        conn = await connect(
+            url,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            settings=session_settings(),
+        )
+    except SinkError as error:
+        if isinstance(error, SinkUnavailable):
+            raise type(error)(f"cannot reach PostgreSQL at {shown} ({error})") from None
+        raise _located(error, shown) from None
     try:
         report = await _read(conn, query, shown)
     except (Exception, asyncio.CancelledError) as exc:
@@ -370,33 +381,9 @@ async def fetch_report(
         if isinstance(exc, HostAgentError | asyncio.CancelledError):
             raise
         raise _located(translate(exc), shown) from None
-    try:
-        await conn.close(timeout=CLOSE_TIMEOUT)
-    except Exception:
-        conn.terminate()  # the report is read: a goodbye that fails does not spoil it
-    except asyncio.CancelledError:
-        conn.terminate()
-        raise
+    # The report is read: a goodbye that fails does not spoil it.
+    await close_quietly(conn, CLOSE_TIMEOUT)
     return report
-
-
-async def _connect(url: str, shown: str, connect_timeout: float, command_timeout: float) -> Any:
-    import asyncpg
-
-    from host_agent.sync.postgres.errors import translate
-
-    try:
-        return await asyncpg.connect(
-            url,
-            timeout=connect_timeout,
-            command_timeout=command_timeout,
-            server_settings=session_settings(),
-        )
-    except Exception as exc:
-        error = translate(exc)
-        if isinstance(error, SinkUnavailable):
-            raise type(error)(f"cannot reach PostgreSQL at {shown} ({error})") from None
-        raise _located(error, shown) from None
 
 
 def _located(error: SinkError, shown: str) -> SinkError:

@@ -103,6 +103,7 @@ def make_loop(config: AgentConfig, engine: SyncEngine) -> SyncLoop:
         interval=sync.interval_seconds,
         backoff=RetryPolicy(sync.retry_backoff_seconds, sync.retry_backoff_max_seconds),
         wake_delay=sync.wake_delay_seconds,
+        start_jitter=sync.start_jitter_seconds,
     )
 
 

@@ -16,10 +16,7 @@ process list, a server log or an error message.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -38,6 +35,7 @@ from typing import Final
 from urllib.parse import quote
 
 from host_agent.errors import EmbeddedPostgresError
+from host_agent.scram import scram_verifier
 
 __all__ = ["LocalPostgres", "LocalPostgresError", "find_bin_dir", "free_port"]
 
@@ -94,20 +92,6 @@ def find_bin_dir() -> Path:
 
 def _has_server_binaries(path: Path) -> bool:
     return all(os.access(path / name, os.X_OK) for name in ("initdb", "pg_ctl"))
-
-
-def scram_verifier(password: str, *, iterations: int = 4096) -> str:
-    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802/7677)."""
-    salt = secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.digest(salted, b"Client Key", "sha256")
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.digest(salted, b"Server Key", "sha256")
-
-    def b64(raw: bytes) -> str:
-        return base64.b64encode(raw).decode("ascii")
-
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
 def _quote_ident(name: str) -> str:

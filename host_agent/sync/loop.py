@@ -1,6 +1,7 @@
 """SyncLoop: when to run the engine. The daemon's schedule; it never gives up.
 
-After a successful run the next one is `interval_seconds` later, or sooner: `wake()` (new rows
+The first run starts at a random point of the first `start_jitter_seconds`. After a successful
+run the next one is `interval_seconds` later, or sooner: `wake()` (new rows
 written) brings it forward to `wake_delay_seconds` after the first wake, so a burst of writes
 is shipped in one run; `trigger()` (an operator's request) runs at once. After a failed run the
 next attempt waits a full-jitter exponential backoff: a uniform draw from
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,7 @@ class SyncLoop:
         interval: float,
         backoff: RetryPolicy,
         wake_delay: float,
+        start_jitter: float = 0.0,
         shutdown_grace: float = 10.0,
         log: Any = None,
     ) -> None:
@@ -40,6 +43,7 @@ class SyncLoop:
         self.interval = interval
         self.backoff = backoff
         self.wake_delay = wake_delay
+        self.start_jitter = start_jitter
         self.shutdown_grace = shutdown_grace
         self.log = log or structlog.get_logger("host_agent.sync")
         self.consecutive_failures = 0
@@ -77,6 +81,12 @@ class SyncLoop:
         self._trigger.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.start_jitter > 0:
+            # A fleet restarted together (a reboot, a package update) does not stampede the
+            # server: each agent's first run comes at a random point of this window.
+            delay = random.uniform(0, self.start_jitter)
+            self.next_attempt_at = time.time() + delay
+            await first_of(stop.wait(), self._trigger.wait(), seconds=delay)
         while not stop.is_set():
             self._wake.clear()
             self._trigger.clear()

@@ -42,10 +42,12 @@ def host_agent_executable() -> str:
 
 def agent_env(**overrides: object) -> dict[str, str]:
     """os.environ without inherited HOST_AGENT_* variables (a developer's shell must not
-    redirect a test), the desktop collector off, plus `overrides`: keyword
+    redirect a test), the desktop collector off, the first sync at once (no start jitter),
+    plus `overrides`: keyword
     data_sync_batch_size=500 becomes HOST_AGENT_DATA_SYNC_BATCH_SIZE=500."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOST_AGENT_")}
     env["HOST_AGENT_COLLECTORS_DESKTOP_ENABLED"] = "false"
+    env["HOST_AGENT_DATA_SYNC_START_JITTER_SECONDS"] = "0"  # tests wait for the first run
     for key, value in overrides.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         env[f"HOST_AGENT_{key.upper()}"] = text

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import asyncpg
 
@@ -53,6 +54,18 @@ def translate(exc: BaseException) -> SinkError:
         if state[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             return SinkUnavailable(f"PostgreSQL unavailable: {_message(exc)}")
         return SinkError(f"PostgreSQL error {state}: {_message(exc)}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return SinkAuthFailed(
+            f"PostgreSQL's TLS certificate was not accepted: {exc.verify_message or exc.reason} "
+            "(check sslrootcert and the host name in database.postgres_url)"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return SinkAuthFailed(f"TLS with PostgreSQL failed: {exc.reason or _message(exc)}")
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return SinkAuthFailed(
+            "PostgreSQL does not offer TLS, and the URL's sslmode requires it (nothing was "
+            "sent in plain text)"
+        )
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return SinkUnavailable("PostgreSQL did not answer in time")
     if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)):

@@ -37,6 +37,7 @@ from typing import Any
 import asyncpg
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
+from host_agent.sync.postgres.connect import close_quietly, connect
 from host_agent.sync.postgres.errors import is_row_error, row_error_message, translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan
 from host_agent.sync.postgres.schema import apply_schema, check_host, check_schema, read_table
@@ -111,12 +112,8 @@ class PostgresSink:
         if connect_timeout is not None:
             timeout = max(0.1, min(timeout, connect_timeout))
         async with self._guard():
-            self._conn = await asyncpg.connect(
-                self._url,
-                timeout=timeout,
-                command_timeout=self._command_timeout,
-                statement_cache_size=0,
-                server_settings={"application_name": "host-agent"},
+            self._conn = await connect(
+                self._url, connect_timeout=timeout, command_timeout=self._command_timeout
             )
             if check:
                 async with self._conn.transaction():
@@ -173,11 +170,8 @@ class PostgresSink:
     async def disconnect(self, grace_seconds: float = 5.0) -> None:
         """Release the server connection until the next call needs one."""
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=grace_seconds)
-            except (Exception, asyncio.CancelledError):
-                conn.terminate()
+        if conn is not None:
+            await close_quietly(conn, grace_seconds)
 
     async def close(self, grace_seconds: float = 5.0) -> None:
         self._closed = True

@@ -25,12 +25,13 @@ $$;
 
 -- The partition of `parent` for the month holding `month`, created when missing, with the
 -- rows of that month moved out of the default partition first (one transaction).
--- Returns true when it created one.
+-- Months are UTC months, whatever the session's time zone. Returns true when it created one.
 CREATE OR REPLACE FUNCTION host_agent_ensure_partition(parent regclass, month date)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     first_day date := date_trunc('month', month)::date;
-    next_day date := (date_trunc('month', month) + interval '1 month')::date;
+    lower timestamptz := first_day::timestamp AT TIME ZONE 'UTC';
+    upper timestamptz := (first_day + interval '1 month')::timestamp AT TIME ZONE 'UTC';
     name text := host_agent_partition_name(parent, first_day);
     key text;
     default_part regclass := to_regclass(parent::text || '_default');
@@ -49,10 +50,10 @@ BEGIN
         EXECUTE format(
             'WITH moved AS (DELETE FROM %s WHERE %I >= %L AND %I < %L RETURNING *) '
             'INSERT INTO %I SELECT * FROM moved',
-            default_part, key, first_day, key, next_day, name);
+            default_part, key, lower, key, upper, name);
     END IF;
     EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
-                   parent, name, first_day, next_day);
+                   parent, name, lower, upper);
     RETURN true;
 END
 $$;
@@ -99,9 +100,10 @@ BEGIN
                        spec.time_column);
         -- Months that hold rows, and this one and the next two, get their partitions.
         FOR month IN EXECUTE format(
-            'SELECT DISTINCT date_trunc(''month'', %I)::date FROM %I '
-            'UNION SELECT (date_trunc(''month'', now()) + n * interval ''1 month'')::date '
-            'FROM generate_series(0, 2) AS n', spec.key, old_name)
+            'SELECT DISTINCT date_trunc(''month'', %I AT TIME ZONE ''UTC'')::date FROM %I '
+            'UNION SELECT (date_trunc(''month'', now() AT TIME ZONE ''UTC'') '
+            '+ n * interval ''1 month'')::date FROM generate_series(0, 2) AS n',
+            spec.key, old_name)
         LOOP
             PERFORM host_agent_ensure_partition(spec.name::regclass, month);
         END LOOP;
