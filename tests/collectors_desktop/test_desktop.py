@@ -17,7 +17,7 @@ import pytest
 import Xlib.display
 from Xlib import X, Xatom
 
-from host_agent.collectors.sessions import REDACTED_TITLE
+from host_agent.collectors.desktop.sessions import REDACTED_TITLE
 from host_agent.store.writer import RowWriter
 
 from .conftest import Desktop, db_bytes, read_rows

@@ -222,7 +222,7 @@ def test_a_failed_close_never_leaves_a_backdated_row_overlapping_it(tmp_path: Pa
     checkpoint. If ending that session fails, recording the idle row anyway would overlap it:
     the collector leaves a hole instead. (Polls fed straight to the session logic: no X here.)"""
     from host_agent.collectors.desktop import DesktopActivityCollector
-    from host_agent.collectors.sessions import Activity, Observation
+    from host_agent.collectors.desktop.sessions import Activity, Observation
     from host_agent.config import DesktopCollectorConfig
 
     db_path = tmp_path / "desktop_activity.db"
@@ -232,7 +232,8 @@ def test_a_failed_close_never_leaves_a_backdated_row_overlapping_it(tmp_path: Pa
         editor = Activity("Editor", "main.py", 4242, "editor")
 
         def poll(t: float, idle: float) -> None:
-            collector._apply(collector._tracker.observe(Observation(t, editor, idle)))
+            recorder = collector._recorder
+            recorder.apply(recorder.tracker.observe(Observation(t, editor, idle)))
 
         for t in range(1000, 1060):  # input at 1000, then none; a checkpoint at 1030
             poll(float(t), 0.0 if t == 1000 else t - 1000.0)
