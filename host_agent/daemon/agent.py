@@ -23,16 +23,11 @@ from typing import Any
 import structlog
 
 from host_agent.aio import first_of
+from host_agent.collectors.base import Collector
 from host_agent.config import AgentConfig
 from host_agent.daemon import systemd
 from host_agent.daemon.assembly import make_sink, open_sources, state_path, table_path
-from host_agent.daemon.health import (
-    AgentMetrics,
-    HealthServer,
-    collector_errors,
-    collector_name,
-    collector_state,
-)
+from host_agent.daemon.health import AgentMetrics, HealthServer
 from host_agent.daemon.lock import AgentLock
 from host_agent.store.connection import connect
 from host_agent.store.migrations import prepare_file
@@ -56,7 +51,7 @@ class Agent:
         self.config = config
         self._held_lock = lock  # already acquired by the caller, who releases it
         self.sync_loop: SyncLoop | None = None
-        self.collectors: list[Any] = []
+        self.collectors: list[Collector] = []
         self.metrics = AgentMetrics()
         self.started = asyncio.Event()
         self.started_at = time.time()
@@ -85,8 +80,8 @@ class Agent:
             on_drop=lambda count, _reason: dropped.inc(count),
         )
 
-    def _collectors(self, wake: Callable[[], object]) -> list[tuple[Any, RowWriter]]:
-        built: list[tuple[Any, RowWriter]] = []
+    def _collectors(self, wake: Callable[[], object]) -> list[tuple[Collector, RowWriter]]:
+        built: list[tuple[Collector, RowWriter]] = []
         settings = self.config.collectors
         if settings.desktop.enabled:
             from host_agent.collectors.desktop import DesktopActivityCollector
@@ -111,8 +106,7 @@ class Agent:
             "consecutive_failures": loop.consecutive_failures if loop else 0,
             "next_attempt_at": iso(loop.next_attempt_at) if loop else None,
             "collectors": {
-                collector_name(c): {"state": collector_state(c), "errors": collector_errors(c)}
-                for c in self.collectors
+                c.name: {"state": c.state, "errors": c.errors} for c in self.collectors
             },
         }
 
@@ -157,13 +151,9 @@ class Agent:
     # -- running -----------------------------------------------------------------------------
 
     async def _collectors_ready(self, stop: asyncio.Event) -> None:
-        """Wait until every collector that says when it is ready (a `ready` event) records,
-        so READY=1 means "changes from now on are recorded". Bounded; a stop ends it."""
-        pending = {
-            collector_name(c): c.ready
-            for c in self.collectors
-            if isinstance(getattr(c, "ready", None), asyncio.Event)
-        }
+        """Wait until every collector records (its `ready` event), so READY=1 means "changes
+        from now on are recorded". Bounded; a stop ends it."""
+        pending = {c.name: c.ready for c in self.collectors}
 
         async def all_ready() -> None:
             for event in pending.values():
@@ -237,7 +227,7 @@ class Agent:
                     host=self.config.host,
                     pid=os.getpid(),
                     sync=sync_settings.enabled,
-                    collectors=[collector_name(c) for c in self.collectors],
+                    collectors=[c.name for c in self.collectors],
                 )
                 self.started.set()
                 systemd.notify("READY=1")
