@@ -16,13 +16,14 @@ technique, kept out of the user's directories). Then every pending row is writte
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from watchdog.observers.inotify_c import WatchDescriptor
@@ -152,17 +153,22 @@ class EventProcessor:
                 return
             if item is not None:
                 self._dispatch(item)
-                for _ in range(BURST_EVENTS):
-                    try:
-                        item = self._raw.get_nowait()
-                    except queue.Empty:
-                        break
+                burst = 0
+                for item in self._queued(BURST_EVENTS):
                     if item is STOP:
                         return
                     self._dispatch(item)
-                else:
-                    caught_up = False
+                    burst += 1
+                caught_up = burst < BURST_EVENTS
             self._after_burst(caught_up)
+
+    def _queued(self, most: int | None = None) -> Iterator[object]:
+        """What the queue holds now, without waiting; at most `most` items."""
+        for _ in range(most) if most is not None else itertools.count():
+            try:
+                yield self._raw.get_nowait()
+            except queue.Empty:
+                return
 
     def _next_timeout(self) -> float:
         due = self._next_retry
@@ -236,11 +242,7 @@ class EventProcessor:
         fence = self._fence()
         self.watches.close()
         # Events read before the reader stopped are real changes: apply them, then flush all.
-        while True:
-            try:
-                item = self._raw.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._queued():
             if item is not STOP:
                 self._dispatch(item)
         for move in self.tree.moves.unpaired():

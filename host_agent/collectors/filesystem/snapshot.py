@@ -167,15 +167,7 @@ class Snapshot:
                     child = join(path, name)
                     if before & DIR:
                         self.forget(child, record=True, mono=mono, wall=wall)
-                    self._changes.change(
-                        child,
-                        DELETED,
-                        root,
-                        is_dir=bool(before & DIR),
-                        mono=mono,
-                        wall=wall,
-                        was_link=bool(before & LINK),
-                    )
+                    self._deleted(child, before, root, mono, wall)
             directory.entries = fresh
 
     def listing(self, path: bytes) -> dict[bytes, int]:
@@ -220,15 +212,19 @@ class Snapshot:
             self._watches.forget(directory_path)
             if record:
                 for name, known in directory.entries.items():
-                    self._changes.change(
-                        join(directory_path, name),
-                        DELETED,
-                        directory.root,
-                        is_dir=bool(known & DIR),
-                        mono=mono,
-                        wall=wall,
-                        was_link=bool(known & LINK),
-                    )
+                    self._deleted(join(directory_path, name), known, directory.root, mono, wall)
+
+    def _deleted(self, path: bytes, known: int, root: Root, mono: float, wall: float) -> None:
+        """The entry known as `known` at `path` is gone: a `deleted` row."""
+        self._changes.change(
+            path,
+            DELETED,
+            root,
+            is_dir=bool(known & DIR),
+            mono=mono,
+            wall=wall,
+            was_link=bool(known & LINK),
+        )
 
     def rename(self, source: bytes, target: bytes, root: Root) -> None:
         """The directory `source` is now `target`, watches and all."""
