@@ -126,8 +126,8 @@ async def bench(files: int, root_parent: Path, coalesce_ms: int, patience: float
     from host_agent.collectors.filesystem import FileChangeCollector
     from host_agent.config import FilesystemCollectorConfig
     from host_agent.logging import configure_logging
+    from host_agent.store.queue import WriteQueue
     from host_agent.store.tables import FILE_CHANGES
-    from host_agent.store.writer import RowWriter
 
     configure_logging(level="warning")
     work_dir = Path(tempfile.mkdtemp(prefix="bench-collectors-"))
@@ -137,7 +137,7 @@ async def bench(files: int, root_parent: Path, coalesce_ms: int, patience: float
             (root / f"d{d:03d}").mkdir()
         db = work_dir / "file_changes.db"
         settings = FilesystemCollectorConfig(enabled=True, roots=[root], coalesce_ms=coalesce_ms)
-        writer = RowWriter(db, FILE_CHANGES)
+        writer = WriteQueue.start_for(db, FILE_CHANGES)
         collector = FileChangeCollector(settings, writer)
         stop = asyncio.Event()
         task = asyncio.create_task(collector.run(stop))

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from host_agent.aio import first_of
+from host_agent.collectors.base import Collector
 from host_agent.config import AgentConfig
 from host_agent.daemon import systemd
 from host_agent.daemon.assembly import (
@@ -38,13 +39,7 @@ from host_agent.daemon.assembly import (
     state_path,
     table_path,
 )
-from host_agent.daemon.health import (
-    AgentMetrics,
-    HealthServer,
-    collector_errors,
-    collector_name,
-    collector_state,
-)
+from host_agent.daemon.health import AgentMetrics, HealthServer
 from host_agent.daemon.lock import AgentLock
 from host_agent.errors import HostAgentError
 from host_agent.store import journal
@@ -70,7 +65,7 @@ class Agent:
         self.config = config
         self._held_lock = lock  # already acquired by the caller, who releases it
         self.sync_loop: SyncLoop | None = None
-        self.collectors: list[Any] = []
+        self.collectors: list[Collector] = []
         self.queues: dict[str, WriteQueue] = {}
         self.metrics = AgentMetrics()
         self.started = asyncio.Event()
@@ -108,8 +103,7 @@ class Agent:
             "next_attempt_at": iso(loop.next_attempt_at) if loop else None,
             "next_sync_at": iso(loop.next_run_at) if loop else None,
             "collectors": {
-                collector_name(c): {"state": collector_state(c), "errors": collector_errors(c)}
-                for c in self.collectors
+                c.name: {"state": c.state, "errors": c.errors} for c in self.collectors
             },
             "stores": {name: describe(queue) for name, queue in self.queues.items()},
         }
@@ -161,13 +155,9 @@ class Agent:
     # -- running -----------------------------------------------------------------------------
 
     async def _collectors_ready(self, stop: asyncio.Event) -> None:
-        """Wait until every collector that says when it is ready (a `ready` event) records,
-        so READY=1 means "changes from now on are recorded". Bounded; a stop ends it."""
-        pending = {
-            collector_name(c): c.ready
-            for c in self.collectors
-            if isinstance(getattr(c, "ready", None), asyncio.Event)
-        }
+        """Wait until every collector records (its `ready` event), so READY=1 means "changes
+        from now on are recorded". Bounded; a stop ends it."""
+        pending = {c.name: c.ready for c in self.collectors}
 
         async def all_ready() -> None:
             for event in pending.values():
@@ -217,7 +207,6 @@ class Agent:
 
             def queue_for(table: LocalTable) -> WriteQueue:
                 queue = self._queue(table, wake)
-                queue.start()
                 stack.push_async_callback(
                     asyncio.to_thread, queue.close, QUEUE_CLOSE_GRACE_SECONDS
                 )
@@ -241,7 +230,7 @@ class Agent:
                     host=self.config.host,
                     pid=os.getpid(),
                     sync=self.config.data_sync.enabled,
-                    collectors=[collector_name(c) for c in self.collectors],
+                    collectors=[c.name for c in self.collectors],
                 )
                 self.started.set()
                 systemd.notify("READY=1")

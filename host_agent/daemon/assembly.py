@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
+from host_agent.collectors.base import Collector
 from host_agent.config import AgentConfig
 from host_agent.errors import ConfigError
 from host_agent.logging import register_url
@@ -20,7 +20,6 @@ from host_agent.store.migrations import prepare_file
 from host_agent.store.queue import WriteQueue
 from host_agent.store.retention import SizeLimit
 from host_agent.store.tables import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
-from host_agent.store.writer import RowWriter
 from host_agent.sync.engine import SyncEngine
 from host_agent.sync.loop import SyncLoop
 from host_agent.sync.postgres.sink import PostgresSink
@@ -113,31 +112,37 @@ def make_queue(
     on_commit: Callable[[int], object],
     on_drop: Callable[[int, str], object],
 ) -> WriteQueue:
-    """The write queue a collector of `table` writes through (not yet started)."""
+    """The started write queue a collector of `table` writes through."""
     database = config.database
     limit = None
     if database.max_local_db_mb is not None:
         limit = SizeLimit(int(database.max_local_db_mb * 2**20), database.size_limit_policy)
-    writer = RowWriter(table_path(config, table), table, on_commit, limit=limit, on_drop=on_drop)
-    return WriteQueue(writer, max_buffered_rows=database.max_buffered_rows, on_drop=on_drop)
+    return WriteQueue.start_for(
+        table_path(config, table),
+        table,
+        on_commit=on_commit,
+        limit=limit,
+        on_drop=on_drop,
+        max_buffered_rows=database.max_buffered_rows,
+    )
 
 
 def make_collectors(
     config: AgentConfig, queue_for: Callable[[LocalTable], WriteQueue]
-) -> list[Any]:
+) -> list[Collector]:
     """The enabled collectors, each with the write queue of its table."""
     settings = config.collectors
-    built: list[Any] = []
+    built: list[Collector] = []
     if settings.desktop.enabled:
         from host_agent.collectors.desktop import DesktopActivityCollector
 
         built.append(
-            DesktopActivityCollector(settings.desktop, queue_for(DESKTOP_ACTIVITY))  # type: ignore[arg-type]
+            DesktopActivityCollector(settings.desktop, queue_for(DESKTOP_ACTIVITY))
         )
     if settings.filesystem.enabled:
         from host_agent.collectors.filesystem import FileChangeCollector
 
         built.append(
-            FileChangeCollector(settings.filesystem, queue_for(FILE_CHANGES))  # type: ignore[arg-type]
+            FileChangeCollector(settings.filesystem, queue_for(FILE_CHANGES))
         )
     return built

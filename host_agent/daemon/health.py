@@ -15,9 +15,10 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector as MetricsSource
 
+from host_agent.collectors.base import Collector
 from host_agent.sync.engine import SyncReport
 
 log = structlog.get_logger("host_agent.daemon.health")
@@ -96,34 +97,33 @@ class AgentMetrics:
         if report.ok:
             self.last_success.set(time.time())
 
-    def watch_collectors(self, collectors: Callable[[], Iterable[Any]]) -> None:
-        """Export each collector's `errors` count as host_agent_collector_errors_total."""
-        self.registry.register(_CollectorErrors(collectors))
+    def watch_collectors(self, collectors: Callable[[], Iterable[Collector]]) -> None:
+        """Export each collector's `errors` as host_agent_collector_errors_total and its
+        `counters()` as host_agent_collector_counter{collector=..., counter=...}."""
+        self.registry.register(_CollectorMetrics(collectors))
 
 
-class _CollectorErrors(Collector):
-    def __init__(self, collectors: Callable[[], Iterable[Any]]) -> None:
+class _CollectorMetrics(MetricsSource):
+    """Read at every scrape, so the figures are the collectors' own, never a stale copy."""
+
+    def __init__(self, collectors: Callable[[], Iterable[Collector]]) -> None:
         self._collectors = collectors
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
+        errors = CounterMetricFamily(
             "host_agent_collector_errors", "Errors a collector recovered from", labels=["collector"]
         )
+        counters = GaugeMetricFamily(
+            "host_agent_collector_counter",
+            "A collector's own counters (rows recorded, watches, overflows, polls...)",
+            labels=["collector", "counter"],
+        )
         for collector in self._collectors():
-            family.add_metric([collector_name(collector)], float(collector_errors(collector)))
-        yield family
-
-
-def collector_name(collector: Any) -> str:
-    return str(getattr(collector, "name", type(collector).__name__))
-
-
-def collector_errors(collector: Any) -> int:
-    return int(getattr(collector, "errors", 0))
-
-
-def collector_state(collector: Any) -> str:
-    return str(getattr(collector, "state", "running"))
+            errors.add_metric([collector.name], float(collector.errors))
+            for counter, value in collector.counters().items():
+                counters.add_metric([collector.name, counter], float(value))
+        yield errors
+        yield counters
 
 
 class HealthServer:

@@ -35,6 +35,7 @@ import structlog
 from host_agent.errors import StoreClosed, StoreError
 from host_agent.retry import Backoff, RetryPolicy
 from host_agent.store.faults import is_row_error
+from host_agent.store.retention import SizeLimit
 from host_agent.store.tables import LocalTable
 from host_agent.store.writer import Row, RowWriter
 
@@ -101,6 +102,24 @@ class WriteQueue:
         self.faults = 0  # fault episodes so far
         self.rows_written = 0
         self.rows_dropped = 0
+        self.refused = 0  # inserts or updates SQLite itself refused (a constraint)
+
+    @classmethod
+    def start_for(
+        cls,
+        path: Path | str,
+        table: LocalTable,
+        *,
+        on_commit: Callable[[int], object] | None = None,
+        limit: SizeLimit | None = None,
+        on_drop: Callable[[int, str], object] | None = None,
+        max_buffered_rows: int = DEFAULT_MAX_BUFFERED_ROWS,
+    ) -> WriteQueue:
+        """A started queue writing `table` in the file at `path`."""
+        writer = RowWriter(path, table, on_commit, limit=limit, on_drop=on_drop)
+        queue = cls(writer, max_buffered_rows=max_buffered_rows, on_drop=on_drop)
+        queue.start()
+        return queue
 
     @property
     def table(self) -> LocalTable:
@@ -295,6 +314,7 @@ class WriteQueue:
         self.rows_written += sum(1 for ref in inserted if ref.id is not None)
 
     def _refused(self, op: _Op, exc: BaseException) -> None:
+        self.refused += 1
         if isinstance(op, _Insert):
             for ref in op.refs:
                 ref.refused = True

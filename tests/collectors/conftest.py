@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from support.ci import unavailable
 
-from host_agent.collectors import filesystem
-from host_agent.collectors.filesystem import FileChangeCollector
+from host_agent.collectors.filesystem import WATCH_RETRY_SECONDS, FileChangeCollector
+from host_agent.collectors.filesystem.relay import Relay
 from host_agent.config import FilesystemCollectorConfig
+from host_agent.store.queue import WriteQueue
 from host_agent.store.tables import FILE_CHANGES
-from host_agent.store.writer import RowWriter
 
 Rows = list[dict[str, Any]]
 Log = dict[str, Any]
@@ -122,7 +122,7 @@ async def start_collector(tmp_path: Path, root: Path) -> AsyncIterator[StartColl
         coalesce_ms: int = 100,
         enabled: bool = True,
         clock: Callable[[], float] = time.time,
-        retry_seconds: float = filesystem.WATCH_RETRY_SECONDS,
+        retry_seconds: float = WATCH_RETRY_SECONDS,
         **config: Any,
     ) -> Running:
         settings = FilesystemCollectorConfig(
@@ -132,7 +132,7 @@ async def start_collector(tmp_path: Path, root: Path) -> AsyncIterator[StartColl
             **config,
         )
         db = tmp_path / "file_changes.db"
-        writer = RowWriter(db, FILE_CHANGES)
+        writer = WriteQueue.start_for(db, FILE_CHANGES)
         collector = FileChangeCollector(settings, writer, clock=clock, retry_seconds=retry_seconds)
         stop = asyncio.Event()
         before = inotify_fds()
@@ -187,13 +187,13 @@ def hold_reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     event is set, so what happens meanwhile stays in the kernel's queue (and, past its limit,
     is dropped with IN_Q_OVERFLOW). Released after the test at the latest."""
     gate = threading.Event()
-    relay_on_event = filesystem._Relay.on_event
+    relay_on_event = Relay.on_event
 
     def held(self: Any, event: Any) -> None:
         gate.wait(10)
         relay_on_event(self, event)
 
-    monkeypatch.setattr(filesystem._Relay, "on_event", held)
+    monkeypatch.setattr(Relay, "on_event", held)
     try:
         yield gate
     finally:

@@ -24,8 +24,8 @@ import structlog
 
 from host_agent.collectors.filesystem import FileChangeCollector
 from host_agent.config import FilesystemCollectorConfig
+from host_agent.store.queue import WriteQueue
 from host_agent.store.tables import FILE_CHANGES
-from host_agent.store.writer import RowWriter
 
 WATCH_LIMIT = Path("/proc/sys/user/max_inotify_watches")
 
@@ -43,7 +43,7 @@ async def main(root: Path, db: Path, watches: int, retry_seconds: float) -> None
     log = structlog.get_logger()
     settings = FilesystemCollectorConfig(enabled=True, roots=[root], coalesce_ms=100)
     collector = FileChangeCollector(
-        settings, RowWriter(db, FILE_CHANGES), retry_seconds=retry_seconds
+        settings, WriteQueue.start_for(db, FILE_CHANGES), retry_seconds=retry_seconds
     )
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))

@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 
 from host_agent.collectors.filesystem import FileChangeCollector
 from host_agent.config import FilesystemCollectorConfig
+from host_agent.store.queue import WriteQueue
 from host_agent.store.tables import FILE_CHANGES
-from host_agent.store.writer import RowWriter
 
 from .conftest import QueueLimit, Rows, StartCollector, StartLimited, inotify_fds, read_rows
 
@@ -555,7 +555,7 @@ async def test_stop_reads_what_the_kernel_still_holds_and_flushes_pending_rows(
     root: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     db = tmp_path / "file_changes.db"
-    writer = RowWriter(db, FILE_CHANGES)
+    writer = WriteQueue.start_for(db, FILE_CHANGES)
     settings = FilesystemCollectorConfig(enabled=True, roots=[root], coalesce_ms=60_000)
     collector = FileChangeCollector(settings, writer)
     stop = asyncio.Event()
@@ -575,13 +575,13 @@ async def test_stop_reads_what_the_kernel_still_holds_and_flushes_pending_rows(
         await asyncio.sleep(0.01)
     gate.set()
     await asyncio.wait_for(task, 10)
+    await asyncio.to_thread(writer.close)  # as the agent does once the collectors are done
 
     rows = await asyncio.to_thread(read_rows, db)
     assert [(r["event_type"], r["file_path_relative"]) for r in rows] == [
         ("created", name) for name in names
     ]
     assert collector.events_recorded == 5
-    writer.close()
 
 
 async def test_missing_roots_are_skipped_and_picked_up_when_they_appear(
@@ -614,7 +614,7 @@ async def test_disabled_or_rootless_collector_just_waits(tmp_path: Path) -> None
         FilesystemCollectorConfig(enabled=True, roots=[]),
     ):
         before = inotify_fds()
-        writer = RowWriter(tmp_path / "unused.db", FILE_CHANGES)
+        writer = WriteQueue.start_for(tmp_path / "unused.db", FILE_CHANGES)
         collector = FileChangeCollector(settings, writer, structlog.get_logger())
         stop = asyncio.Event()
         task = asyncio.create_task(collector.run(stop))

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from support.x11 import Desktop, XTerm, poll_until, require_tools  # noqa: F401
 
+from host_agent.store.queue import WriteQueue
 from host_agent.store.tables import DESKTOP_ACTIVITY
-from host_agent.store.writer import RowWriter
 
 
 @pytest.fixture
@@ -46,8 +46,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def writer(db_path: Path) -> Iterator[RowWriter]:
-    writer = RowWriter(db_path, DESKTOP_ACTIVITY)
+def writer(db_path: Path) -> Iterator[WriteQueue]:
+    writer = WriteQueue.start_for(db_path, DESKTOP_ACTIVITY)
     yield writer
     writer.close()  # as the agent does
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from host_agent.collectors.desktop import DesktopActivityCollector
 from host_agent.config import DesktopCollectorConfig
-from host_agent.store.writer import RowWriter
+from host_agent.store.queue import WriteQueue
 
 from .conftest import Desktop, read_rows
 
@@ -72,7 +72,7 @@ def settings(**overrides: Any) -> DesktopCollectorConfig:
 
 def make_collector(
     desktop: Desktop | None,
-    writer: RowWriter,
+    writer: WriteQueue,
     log: RecordingLog | None = None,
     *,
     clock: Callable[[], float] = time.time,
@@ -102,6 +102,9 @@ async def running(collector: DesktopActivityCollector) -> AsyncIterator[asyncio.
     finally:
         stop.set()
         await asyncio.wait_for(task, WAIT)
+        # What the collector handed over is written by the store's queue: wait for it, as the
+        # agent does when it closes the queue after its collectors.
+        assert await asyncio.to_thread(collector.writer.flush, WAIT), "the queue did not drain"
 
 
 async def wait_rows(

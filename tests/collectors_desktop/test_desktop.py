@@ -17,8 +17,8 @@ import pytest
 import Xlib.display
 from Xlib import X, Xatom
 
-from host_agent.collectors.sessions import REDACTED_TITLE
-from host_agent.store.writer import RowWriter
+from host_agent.collectors.desktop.sessions import REDACTED_TITLE
+from host_agent.store.queue import WriteQueue
 
 from .conftest import Desktop, db_bytes, read_rows
 from .helpers import (
@@ -37,7 +37,7 @@ from .helpers import (
 
 
 async def test_records_a_session_per_focus_change(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     beta = desktop.xterm("beta window", "Beta")
@@ -71,7 +71,7 @@ async def test_records_a_session_per_focus_change(
 
 
 async def test_checkpoint_extends_the_open_session(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     desktop.activate(alpha.window_id)
@@ -91,7 +91,7 @@ async def test_checkpoint_extends_the_open_session(
 
 
 async def test_without_window_manager_uses_input_focus(
-    bare_display: Desktop, writer: RowWriter, db_path: Path
+    bare_display: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = bare_display.xterm("alpha window", "Alpha")
     own_name = (await asyncio.to_thread(Path("/proc/self/comm").read_text)).strip()
@@ -157,7 +157,7 @@ async def test_without_window_manager_uses_input_focus(
 
 
 async def test_idle_session_starts_when_input_stopped_and_ends_on_input(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     desktop.activate(alpha.window_id)
@@ -192,7 +192,7 @@ async def test_idle_session_starts_when_input_stopped_and_ends_on_input(
 
 
 async def test_title_changes_while_idle_are_not_counted_as_work(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     desktop.activate(alpha.window_id)
@@ -247,7 +247,7 @@ async def test_title_changes_while_idle_are_not_counted_as_work(
 
 
 async def test_redacted_titles_never_reach_the_database(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     vault = desktop.xterm("my SECRET plan 42", "Vault")
     plain = desktop.xterm("plain title here", "Plain")
@@ -270,7 +270,7 @@ async def test_redacted_titles_never_reach_the_database(
 
 
 async def test_excluded_application_is_not_recorded(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     hidden = desktop.xterm("hidden stuff", "SecretApp")
@@ -304,7 +304,7 @@ async def test_excluded_application_is_not_recorded(
 
 
 async def test_clock_jump_closes_session_at_last_poll(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     desktop.activate(alpha.window_id)
@@ -334,7 +334,7 @@ async def test_clock_jump_closes_session_at_last_poll(
 
 
 async def test_survives_x_server_restart(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     desktop.activate(alpha.window_id)
@@ -379,7 +379,7 @@ async def test_survives_x_server_restart(
 
 
 async def test_frozen_x_server_is_abandoned_and_stop_still_returns(
-    desktop: Desktop, writer: RowWriter, db_path: Path
+    desktop: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = desktop.xterm("alpha window", "Alpha")
     desktop.activate(alpha.window_id)
@@ -419,7 +419,7 @@ async def test_frozen_x_server_is_abandoned_and_stop_still_returns(
 
 
 async def test_without_x11_display_disables_itself(
-    monkeypatch: pytest.MonkeyPatch, writer: RowWriter, db_path: Path
+    monkeypatch: pytest.MonkeyPatch, writer: WriteQueue, db_path: Path
 ) -> None:
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")

@@ -13,7 +13,7 @@ from typing import Any
 import Xlib.display
 from Xlib import X, Xatom
 
-from host_agent.store.writer import RowWriter
+from host_agent.store.queue import WriteQueue
 
 from .conftest import Desktop, read_rows
 from .helpers import (
@@ -64,7 +64,7 @@ class MinimalWindowManager:
 
 
 async def test_net_active_window_wins_over_input_focus_while_the_manager_lives(
-    bare_display: Desktop, writer: RowWriter, db_path: Path
+    bare_display: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = bare_display.xterm("alpha window", "Alpha")
     beta = bare_display.xterm("beta window", "Beta")
@@ -92,7 +92,7 @@ async def test_net_active_window_wins_over_input_focus_while_the_manager_lives(
 
 
 async def test_vanished_active_window_is_logged_once_and_credited_to_nobody(
-    bare_display: Desktop, writer: RowWriter, db_path: Path
+    bare_display: Desktop, writer: WriteQueue, db_path: Path
 ) -> None:
     alpha = bare_display.xterm("alpha window", "Alpha")
     manager = MinimalWindowManager(bare_display.display)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from host_agent.collectors.sessions import (
+from host_agent.collectors.desktop.sessions import (
     REDACTED_TITLE,
     Activity,
     Closed,

@@ -19,7 +19,7 @@ import Xlib.error
 import Xlib.support.connect
 from Xlib import X, Xatom
 
-from host_agent.collectors.sessions import WindowInfo
+from host_agent.collectors.desktop.sessions import WindowInfo
 
 # Errors meaning "that window vanished between two requests": normal when windows close.
 WINDOW_GONE_ERRORS: tuple[type[Exception], ...] = (
