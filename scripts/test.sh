@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Lint, type-check and test host-agent in .venv. Extra arguments are passed to pytest.
+# Lint, type-check and test host-agent in .venv, after installing what the suite needs (system
+# packages through scripts/system-deps.sh, Python ones into .venv). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/system-deps.sh
 
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from support.pg import cluster_template, temporary_cluster, unique_db_name
+from support.pgbouncer import PgBouncer, running_pgbouncer
 from support.tcp_proxy import TcpProxy
 
 from host_agent.embedded.cluster import LocalPostgres
@@ -60,6 +61,13 @@ def private_pg(pg_template: LocalPostgres) -> Iterator[LocalPostgres]:
     """A running cluster of the test's own, free to stop, restart or kill."""
     with temporary_cluster(pg_template) as pg:
         yield pg
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: LocalPostgres) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction pooling mode in front of pg_server."""
+    with running_pgbouncer(pg_server) as bouncer:
+        yield bouncer
 
 
 # --- network faults ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from support.data import (
     pg_fetch,
     session,
 )
+from support.pgbouncer import PgBouncer
 
 from host_agent.commands.status import collect_status
 from host_agent.commands.sync import sync_once
@@ -27,6 +29,18 @@ from host_agent.config import AgentConfig
 from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
 
 MakeConfig = Callable[..., AgentConfig]
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def schema_url(request: pytest.FixtureRequest, pg_database: str) -> str:
+    """Every sync semantics test runs twice: straight to PostgreSQL, and through a real
+    PgBouncer in transaction pooling mode (no prepared statement may outlive a transaction)."""
+    asyncio.run(apply_schema_to(pg_database))
+    if request.param == "direct":
+        return pg_database
+    bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+    return bouncer.via(pg_database)
+
 
 
 def files_db(config: AgentConfig) -> Path:

@@ -99,7 +99,7 @@ def local_query(path: Path, sql: str, args: Sequence[Any] = ()) -> list[tuple[An
 
 
 async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=0)
     try:
         return list(await conn.fetch(sql, *args, timeout=30))
     finally:
@@ -111,7 +111,7 @@ def pg_fetch_sync(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 
 async def apply_schema_to(url: str) -> None:
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=0)
     try:
         await apply_schema(conn)
     finally:
