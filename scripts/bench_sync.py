@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from host_agent.embedded.cluster import LocalPostgres  # noqa: E402
 from host_agent.store import FILE_CHANGES, connect, migrate  # noqa: E402
+from host_agent.sync.postgres.schema import schema_files  # noqa: E402
 
 HOST = "bench-host"
 EXTENSIONS = [".py", ".md", ".ts", ".json", ".rs", ".go", ".txt", ".yaml", None]
@@ -85,11 +86,12 @@ def build_sqlite(path: Path, rows: int, seed: int = 7) -> None:
 def export_csv(db: Path, out: Path) -> list[str]:
     """The rows as PostgreSQL will hold them, in the reference table's column order."""
     columns = [
-        "host_identifier", "source_id", "row_version", "event_time", "event_type", "file_path",
-        "file_path_relative", "file_name", "file_extension", "file_size", "is_symlink",
-        "monitored_root", "project_name", "created_at",
+        "host_identifier", "store_id", "source_id", "row_version", "event_time", "event_type",
+        "file_path", "file_path_relative", "file_name", "file_extension", "file_size",
+        "is_symlink", "monitored_root", "project_name", "created_at",
     ]  # fmt: skip
     conn = sqlite3.connect(db)
+    [(store,)] = conn.execute("SELECT store_id FROM store_identity")
     with out.open("w", newline="") as handle:
         writer = csv.writer(handle)
         for r in conn.execute(
@@ -99,7 +101,8 @@ def export_csv(db: Path, out: Path) -> list[str]:
         ):
             writer.writerow(
                 [
-                    HOST, r[0], r[1], datetime.fromtimestamp(r[2], UTC).isoformat(), r[3], r[4],
+                    HOST, store, r[0], r[1], datetime.fromtimestamp(r[2], UTC).isoformat(), r[3],
+                    r[4],
                     r[5], r[6], r[7], r[8], "t" if r[9] else "f", r[10], r[11],
                     datetime.fromtimestamp(r[12], UTC).isoformat(),
                 ]
@@ -139,10 +142,9 @@ def main() -> int:
 
         pg.ensure_initialized()
         pg.start()
-        schema = ROOT / "services" / "database" / "init"
         for name in ("reference", "agent"):
             pg.create_database(name)
-            for sql in sorted(schema.glob("*.sql")):
+            for sql in schema_files():
                 pg.psql(sql.read_text(), dbname=name)
 
         reference_s = run_psql(

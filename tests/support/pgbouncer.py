@@ -36,9 +36,16 @@ def find_pgbouncer() -> str:
 class PgBouncer:
     """Listens on 127.0.0.1:`port` and pools into `server`'s databases, transaction mode."""
 
-    def __init__(self, server: LocalPostgres, *, pool_size: int = 5) -> None:
+    def __init__(
+        self,
+        server: LocalPostgres,
+        *,
+        pool_size: int = 5,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.server = server
         self.pool_size = pool_size
+        self.users = {SERVER_USER: server.password, **(users or {})}
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="host-agent-pgbouncer-", dir="/tmp"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,7 +64,7 @@ class PgBouncer:
         binary = find_pgbouncer()
         self.dir.chmod(0o755)
         userlist = self.dir / "userlist.txt"
-        userlist.write_text(f'"{SERVER_USER}" "{self.server.password}"\n')
+        userlist.write_text("".join(f'"{user}" "{pw}"\n' for user, pw in self.users.items()))
         userlist.chmod(0o600)
         ini = self.dir / "pgbouncer.ini"
         ini.write_text(
@@ -80,8 +87,13 @@ class PgBouncer:
             for path in (self.dir, userlist, ini):
                 os.chown(path, user.pw_uid, user.pw_gid)
             argv = ["runuser", "-u", SERVER_USER, "--", *argv]
+        # A session of its own: stopping signals the whole group (runuser and PgBouncer).
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -97,15 +109,26 @@ class PgBouncer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # immediate shutdown
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # PgBouncer: immediate shutdown
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
+            # runuser may exit before PgBouncer has: wait for the group to be gone.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)  # polling for other processes' exit: no event to wait on
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
