@@ -1,7 +1,7 @@
 """Monthly partitions of the event tables, against a real PostgreSQL: what `init-db` makes,
 rows of any date accepted (the DEFAULT partition), `host-agent admin maintain` (as a process,
 with the config's URL as administrator) moving them out, dropping old months and nothing else,
-newest-wins and idempotency across partitions.
+newest-wins and idempotency across partitions, and `admin maintain` beside a running sync.
 
 Months are UTC months. Row times are the 15th at noon, far from any month boundary.
 """
@@ -9,6 +9,7 @@ Months are UTC months. Row times are the 15th at noon, far from any month bounda
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import sqlite3
 import uuid
@@ -18,10 +19,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import pytest
 from support.agent_process import (
+    AgentProcess,
     Finished,
     agent_env,
     run_agent,
+    wait_until,
     write_config,
 )
 from support.data import (
@@ -470,3 +474,100 @@ def test_newest_wins_and_resends_are_idempotent_across_partitions(
     }
     for table in EVENT_TABLES:
         assert duplicates(schema_url, table) == []
+
+
+# --- maintain beside a running sync ------------------------------------------------------------
+
+
+def _backend_waiting(url: str, query_like: str) -> bool:
+    rows = pg_fetch_sync(
+        url,
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'host-agent' "
+        "AND wait_event_type = 'Lock' AND query LIKE $1",
+        query_like,
+    )
+    return bool(rows)
+
+
+@pytest.mark.parametrize("batch_size", [1, 1000])
+def test_maintain_moving_a_month_while_a_sync_ships_rows_of_that_month(
+    pg_database: str, tmp_path: Path, batch_size: int
+) -> None:
+    """Deterministic interleaving: another session's ANALYZE-strength lock on the parent
+    (SHARE UPDATE EXCLUSIVE) holds `admin maintain` between moving a month's rows out of the
+    default partition and attaching the month's partition, while a sync ships rows of that
+    very month. Then the lock goes, and both must finish: every row exactly once, in its
+    month's partition, nothing quarantined."""
+    now = this_month()
+    target, other = month(now, -5), month(now, -4)
+    busy = Host(tmp_path, pg_database, "busy-host")
+    busy.ok("init-db")
+    seeded = 2000  # per month, stranded in the default partition for maintain to move
+    for first in (target, other):
+        pg_fetch_sync(
+            pg_database,
+            "INSERT INTO file_change_events (host_identifier, store_id, source_id, "
+            "row_version, event_time, event_type, file_path, file_name, monitored_root, "
+            "created_at) "
+            "SELECT 'seed-host', gen_random_uuid(), g, 0, $1, 'created', '/f', 'f', '/', now() "
+            "FROM generate_series(1, $2) AS g",
+            datetime.fromtimestamp(mid_month(first), UTC), seeded,
+        )
+    local = 300 if batch_size == 1 else 6000
+    times = [mid_month(target), mid_month(other), mid_month(now)]
+    insert_file_events(busy.files_db, [file_event(i, now=times[i % 3]) for i in range(local)])
+
+    async def hold_parent() -> asyncpg.Connection:
+        conn = await asyncpg.connect(pg_database, timeout=10)
+        await conn.execute("BEGIN")
+        await conn.execute("LOCK TABLE file_change_events IN SHARE UPDATE EXCLUSIVE MODE")
+        return conn
+
+    loop = asyncio.new_event_loop()
+    holder = loop.run_until_complete(hold_parent())
+    try:
+        env = agent_env()
+        with AgentProcess(busy.config(), "admin", "maintain", env=env,
+                          workdir=tmp_path) as maintain:
+            wait_until(
+                lambda: maintain.poll() is not None
+                or _backend_waiting(pg_database, "%host_agent_ensure_partition%"),
+                30, "admin maintain to wait for the parent's lock",
+            )
+            assert maintain.poll() is None, maintain.output()
+            with AgentProcess(busy.config(batch_size=batch_size), "sync", "--once", env=env,
+                              workdir=tmp_path) as sync:
+                # The sync ships until it is done, or until it waits for the month being moved.
+                wait_until(
+                    lambda: sync.poll() is not None
+                    or _backend_waiting(pg_database, "%COPY%")
+                    or _backend_waiting(pg_database, "%INSERT INTO file_change_events%"),
+                    60, "the sync to finish or to wait for the month being moved",
+                )
+                loop.run_until_complete(holder.execute("ROLLBACK"))
+                assert sync.wait(120) == 0, sync.output()
+            assert maintain.wait(120) == 0, maintain.output()
+            moved = maintain.stdout
+    finally:
+        loop.run_until_complete(holder.close())
+        loop.close()
+
+    assert f"created partition {partition('file_change_events', target)}" in moved
+    assert re.search(rf"moved \d+ row\(s\) of {target:%Y-%m} out of file_change_events_default",
+                     moved)
+    assert duplicates(pg_database, "file_change_events") == []
+    per_host = pg_fetch_sync(
+        pg_database,
+        "SELECT host_identifier AS h, count(*) AS n FROM file_change_events GROUP BY 1",
+    )
+    assert {r["h"]: r["n"] for r in per_host} == {"seed-host": 2 * seeded, "busy-host": local}
+    assert local_query(
+        busy.files_db, "SELECT count(*) FROM file_change_events WHERE synced_at IS NULL"
+    ) == [(0,)]
+    assert local_query(busy.files_db, "SELECT count(*) FROM sync_rejected_rows") == [(0,)]
+    parts = where_rows_are(pg_database, "file_change_events")
+    assert parts == {
+        partition("file_change_events", target): seeded + local // 3,
+        partition("file_change_events", other): seeded + local // 3,
+        partition("file_change_events", now): local // 3,
+    }  # nothing left in the default partition
