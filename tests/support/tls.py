@@ -19,8 +19,7 @@ SERVER_USER = "postgres"  # the user LocalPostgres runs the server as when we ar
 
 
 def require_openssl() -> str:
-    found = shutil.which("openssl") or ("/usr/bin/openssl" if Path("/usr/bin/openssl").exists()
-                                        else None)
+    found = shutil.which("openssl") or shutil.which("openssl", path="/usr/bin")
     if found is None:
         unavailable("TLS tests need the openssl command line (apt-get install openssl)")
     return found
