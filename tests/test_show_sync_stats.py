@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -256,6 +257,8 @@ def test_per_host_totals_and_time_since_last_success(
     assert (never["runs"], never["failed_runs"], never["rows_synced"]) == ("1", "1", "0")
     assert never["rows_failed"] == "4"
     assert never["last_success"] == never["since_success"] == "never"
+    # Runs logged without a store id (before stores had one) are one legacy store.
+    assert [r["stores"] for r in hosts] == ["1", "1", "1"]
     assert abs(seconds(old["since_success"]) - (3 * 3600 - 2)) < 120
     assert abs(seconds(fresh["since_success"]) - 5 * 60) < 120
     assert old["stale_tables"] == "desktop_activity_sessions,file_change_events"
@@ -686,6 +689,35 @@ def test_empty_sync_logs_gives_empty_sections(schema_url: str, tmp_path: Path) -
     sections = parse_sections(result.stdout)
     assert list(sections) == ["Latest", "Per table", "Per host", "Stale"]
     assert all(rows == [] for rows in sections.values())
+
+
+def test_per_host_stores_counts_the_local_stores_a_table_was_shipped_from(
+    schema_url: str, tmp_path: Path
+) -> None:
+    """Each local file is a store of its own: a host normally ships each table from one store.
+    A reinstall (or a cloned machine) reusing the host_identifier adds one per table."""
+    first, second, desktop = (str(uuid.uuid4()) for _ in range(3))
+    runs = [
+        ("reinstalled", "file_change_events", None),  # logged before stores had an id
+        ("reinstalled", "file_change_events", "00000000-0000-0000-0000-000000000000"),
+        ("reinstalled", "file_change_events", first),
+        ("reinstalled", "desktop_activity_sessions", desktop),
+        ("steady", "file_change_events", second),
+        ("steady", "file_change_events", second),
+        ("steady", "desktop_activity_sessions", desktop),
+    ]
+    for host, table, store in runs:
+        pg_fetch_sync(
+            schema_url,
+            "INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name, status, "
+            "host_identifier, store_id) VALUES (now(), now(), $1, 'success', $2, $3::uuid)",
+            table, host, store,
+        )
+    result = Runner(secrets_of(schema_url), tmp_path)("--format", "plain", url=schema_url)
+    assert result.returncode == 0, result.stderr
+    stores = {r["host"]: r["stores"] for r in parse_sections(result.stdout)["Per host"]}
+    # The nil store id is the legacy store once migrated: the same store as the NULL runs.
+    assert stores == {"reinstalled": "2", "steady": "1"}
 
 
 async def test_connect_gives_up_on_a_server_that_never_answers() -> None:

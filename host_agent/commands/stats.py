@@ -5,7 +5,9 @@ same instant in all of them):
   1. the latest runs (`--limit`): start, table, host, status, rows synced and failed, duration
      and error;
   2. per table: runs, failed and partial runs, rows synced and failed, last run, last success;
-  3. per host: the same, plus time since the last success and the tables without a recent one;
+  3. per host: the local stores it shipped from (more than 1: reinstalled or cloned with the
+     same host_identifier), the same, plus time since the last success and the tables without
+     a recent one;
   4. stale: host/table pairs without a successful run (`success` or `partial_success`) for
      longer than `--stale-after`, or never.
 
@@ -78,8 +80,10 @@ sync run), in four sections:
      duration and error
   2. per table: runs, failed and partial runs, rows synced, rows failed, last run,
      last success
-  3. per host: runs, failed and partial runs, rows synced, rows failed, last run,
-     last success, time since the last success, tables without a recent success
+  3. per host: local stores shipped from (more than 1: a reinstall or a cloned
+     machine reusing the host_identifier), runs, failed and partial runs, rows
+     synced, rows failed, last run, last success, time since the last success,
+     tables without a recent success
   4. stale: host/table pairs without a successful sync (status success or
      partial_success) for longer than --stale-after, or never"""
 
@@ -140,16 +144,24 @@ SELECT table_name AS "table",
 """
 
 # $2 is --stale-after, as text for PostgreSQL to read as an interval.
+# `stores`: the local stores (SQLite files, each with its own identity) one table of the host
+# was shipped from, the most of any table: 1 normally, more after a reinstall or a cloned VM
+# reusing the host_identifier with fresh files. Runs written before stores had identities
+# (store_id NULL) count as the legacy store, which is the nil UUID's once migrated.
+# {store_id} is the column, or NULL on a server whose sync_logs predates it.
 PER_HOST_SQL = """
 WITH pairs AS (
     SELECT host_identifier, table_name,
            max(coalesce(sync_completed_at, sync_started_at))
-               FILTER (WHERE status IN ('success', 'partial_success')) AS last_success
+               FILTER (WHERE status IN ('success', 'partial_success')) AS last_success,
+           count(DISTINCT coalesce({store_id}, '00000000-0000-0000-0000-000000000000'::uuid))
+               AS stores
       FROM sync_logs
      WHERE ($1::text IS NULL OR host_identifier = $1)
      GROUP BY host_identifier, table_name
 ), stale AS (
     SELECT host_identifier,
+           max(stores) AS stores,
            string_agg(table_name, ',' ORDER BY table_name)
                FILTER (WHERE last_success IS NULL
                           OR last_success < now() - $2::text::interval) AS tables
@@ -170,6 +182,7 @@ WITH pairs AS (
      GROUP BY host_identifier
 )
 SELECT coalesce(h.host_identifier, '(none)') AS host,
+       s.stores,
        h.runs, h.failed_runs, h.partial_runs, h.rows_synced, h.rows_failed,
        to_char(h.last_run, 'YYYY-MM-DD HH24:MI:SS') AS last_run,
        coalesce(to_char(h.last_success, 'YYYY-MM-DD HH24:MI:SS'), 'never') AS last_success,
@@ -234,15 +247,17 @@ class StatsQuery:
         if not self.stale_after.strip():
             raise ConfigError("--stale-after", "must not be empty")
 
-    def sections(self) -> list[tuple[str, str, tuple[Any, ...]]]:
-        """(title, SQL, arguments) of each section, in report order."""
+    def sections(self, *, store_ids: bool = True) -> list[tuple[str, str, tuple[Any, ...]]]:
+        """(title, SQL, arguments) of each section, in report order. `store_ids`: whether
+        sync_logs has the store_id column (schema version 3)."""
         note = "" if self.host is None else f" (host {self.host})"
         runs = "sync run" if self.limit == 1 else f"{self.limit} sync runs"
         stale = self.stale_after
+        per_host = PER_HOST_SQL.replace("{store_id}", "store_id" if store_ids else "NULL::uuid")
         return [
             (f"Latest {runs}{note}", LATEST_RUNS_SQL, (self.host, self.limit)),
             (f"Per table{note}", PER_TABLE_SQL, (self.host,)),
-            (f"Per host{note}", PER_HOST_SQL, (self.host, stale)),
+            (f"Per host{note}", per_host, (self.host, stale)),
             (
                 f"Stale: no successful sync for longer than {stale}{note}",
                 STALE_SQL,
@@ -394,10 +409,11 @@ def _located(error: SinkError, shown: str) -> SinkError:
 async def _read(conn: Any, query: StatsQuery, shown: str) -> Report:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await _check_stale_after(conn, query.stale_after)
-        await _check_sync_logs(conn, shown)
+        present = await _check_sync_logs(conn, shown)
         header = await conn.fetchrow(AS_OF_SQL)
         sections = [
-            await query_section(conn, title, sql, *args) for title, sql, args in query.sections()
+            await query_section(conn, title, sql, *args)
+            for title, sql, args in query.sections(store_ids="store_id" in present)
         ]
     return Report(shown, header["as_of"], header["time_zone"], query.stale_after, tuple(sections))
 
@@ -417,7 +433,8 @@ async def _check_stale_after(conn: Any, text: str) -> None:
         raise ConfigError("--stale-after", f"must be a positive interval, got '{text}'")
 
 
-async def _check_sync_logs(conn: Any, shown: str) -> None:
+async def _check_sync_logs(conn: Any, shown: str) -> set[str]:
+    """The columns of sync_logs; raises unless the report can read it."""
     from host_agent.sync.postgres.schema import table_columns
 
     present = {column.name for column in await table_columns(conn, "sync_logs")}
@@ -439,6 +456,7 @@ async def _check_sync_logs(conn: Any, shown: str) -> None:
         raise SinkAuthFailed(
             f"permission denied: {row['user_name']} may not read sync_logs at {shown}"
         )
+    return present
 
 
 async def query_section(conn: Any, title: str, sql: str, *args: Any) -> Section:

@@ -122,9 +122,13 @@ class _Link:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to target_host:target_port, with switches to break it."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, record: bool = False) -> None:
+        """With `record`, every byte forwarded client->server is kept (`client_stream`)."""
         self.target_host = target_host
         self.target_port = target_port
+        self._record = record
+        self._recorded = bytearray()
+        self._accepted = 0
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,6 +167,16 @@ class TcpProxy:
     @property
     def bytes_client_to_server(self) -> int:
         return self._bytes_c2s
+
+    @property
+    def client_stream(self) -> bytes:
+        """What clients sent toward the server, all connections in order (with `record`)."""
+        return self._call(lambda: bytes(self._recorded))
+
+    @property
+    def accepted_count(self) -> int:
+        """Client connections accepted since start (blocked ones included)."""
+        return self._call(lambda: self._accepted)
 
     @property
     def connection_count(self) -> int:
@@ -289,6 +303,7 @@ class TcpProxy:
                 await server.wait_closed()
 
     def _on_accept(self, link: _Link) -> None:
+        self._accepted += 1
         if self._blocked:
             link.reset()
             return
@@ -328,6 +343,8 @@ class TcpProxy:
         if data:
             upstream.write(data)
             self._bytes_c2s += len(data)
+            if self._record:
+                self._recorded += data
         if fire:
             self._fire_cut()
 

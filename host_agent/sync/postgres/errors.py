@@ -82,6 +82,18 @@ def is_row_error(exc: BaseException) -> bool:
     return isinstance(exc, (asyncpg.DataError, ValueError, TypeError, OverflowError))
 
 
+def is_partition_moved(exc: BaseException) -> bool:
+    """True when a partition constraint, not the data, refused a row: PostgreSQL routed it into
+    the default partition just before `admin maintain` attached a partition for its month
+    (the statement waited for the move). A new statement routes the same row to the new
+    partition. A CHECK constraint of the table names itself; a partition constraint does not.
+    """
+    return (
+        isinstance(exc, asyncpg.CheckViolationError)
+        and not getattr(exc, "constraint_name", None)
+    )
+
+
 def row_error_message(exc: BaseException) -> str:
     state = getattr(exc, "sqlstate", None)
     prefix = f"{state}: " if state else ""

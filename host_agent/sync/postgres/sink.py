@@ -38,7 +38,12 @@ import asyncpg
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
 from host_agent.sync.postgres.connect import close_quietly, connect
-from host_agent.sync.postgres.errors import is_row_error, row_error_message, translate
+from host_agent.sync.postgres.errors import (
+    is_partition_moved,
+    is_row_error,
+    row_error_message,
+    translate,
+)
 from host_agent.sync.postgres.plan import TablePlan, build_plan
 from host_agent.sync.postgres.schema import apply_schema, check_host, check_schema, read_table
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
@@ -224,6 +229,8 @@ class PostgresSink:
         plan: TablePlan,
         records: list[tuple[Any, ...]],
         progress: _Progress,
+        *,
+        again_if_moved: bool = True,
     ) -> tuple[int, list[tuple[tuple[Any, ...], str]]]:
         try:
             async with conn.transaction():
@@ -231,15 +238,23 @@ class PostgresSink:
         except Exception as exc:
             if not is_row_error(exc):
                 raise
+            if again_if_moved and is_partition_moved(exc):
+                # `admin maintain` attached a month's partition under this statement: the same
+                # rows, sent once more, go to it (not a bad row, never quarantined for this).
+                return await self._write_isolating(
+                    conn, plan, records, progress, again_if_moved=False
+                )
             if len(records) == 1:
                 reason = None
                 if not isinstance(exc, asyncpg.PostgresError):
                     reason = plan.diagnose(records[0])
                 return 0, [(records[0], reason or row_error_message(exc))]
         middle = len(records) // 2
-        left, left_refused = await self._write_isolating(conn, plan, records[:middle], progress)
+        left, left_refused = await self._write_isolating(
+            conn, plan, records[:middle], progress, again_if_moved=again_if_moved
+        )
         right, right_refused = await self._write_isolating(
-            conn, plan, records[middle:], progress
+            conn, plan, records[middle:], progress, again_if_moved=again_if_moved
         )
         return left + right, left_refused + right_refused
 

@@ -47,6 +47,10 @@ BEGIN
     EXECUTE format('CREATE TABLE %I (LIKE %s INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
                    name, parent);
     IF default_part IS NOT NULL THEN
+        -- Agents keep writing meanwhile: a row of this month that entered the default
+        -- partition after the move would make the ATTACH below fail. Writers to the default
+        -- partition wait for this transaction instead (readers and other months go on).
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', default_part);
         EXECUTE format(
             'WITH moved AS (DELETE FROM %s WHERE %I >= %L AND %I < %L RETURNING *) '
             'INSERT INTO %I SELECT * FROM moved',
