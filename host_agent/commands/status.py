@@ -32,6 +32,7 @@ def _table_status(path: Path, table: LocalTable, now: float) -> dict[str, Any]:
     conn = connect_readonly(path)
     try:
         with store_errors(path):
+            store_id = journal.store_id(conn)
             backlog = journal.backlog(conn, table)
             state = journal.read_state(conn)
             rejected = journal.quarantined(conn, table, QUARANTINE_LISTED)
@@ -39,6 +40,7 @@ def _table_status(path: Path, table: LocalTable, now: float) -> dict[str, Any]:
         conn.close()
     oldest = backlog.oldest_unsynced
     return {
+        "store_id": store_id,
         "rows": backlog.rows,
         "unsynced": backlog.unsynced,
         "oldest_unsynced_age_seconds": None if oldest is None else max(0, round(now - oldest)),
@@ -135,6 +137,7 @@ def render_status(status: dict[str, Any]) -> str:
             continue
         backoff = t["backoff"]
         age = t["oldest_unsynced_age_seconds"]
+        lines.append(f"  store identity:    {t['store_id']}")
         lines.append(
             f"  unsynced rows:     {t['unsynced']}"
             + (f" (oldest {age}s old)" if age is not None else "")
