@@ -7,6 +7,7 @@ means the same thing everywhere.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -67,6 +68,19 @@ def make_sink(config: AgentConfig) -> PostgresSink:
         connect_timeout=sync.connect_timeout_seconds,
         command_timeout=sync.command_timeout_seconds,
     )
+
+
+async def initialize(config: AgentConfig) -> list[str]:
+    """Check, create and migrate the local files, then apply the server's schema files (all
+    idempotent); return the schema files run. What `init-db` does, and the embedded server
+    before its agent starts."""
+    await asyncio.to_thread(prepare_stores, config, integrity=True)
+    sink = make_sink(config)
+    try:
+        await sink.open(check=False)
+        return await sink.init_schema()
+    finally:
+        await sink.close()
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,8 @@ from pathlib import Path
 import structlog
 from pydantic import SecretStr
 
-from host_agent.commands.init_db import init_db
 from host_agent.config import AgentConfig
+from host_agent.daemon.assembly import initialize
 from host_agent.daemon.lock import AgentLock
 from host_agent.embedded.cluster import LocalPostgres, LocalPostgresError
 from host_agent.errors import AgentAlreadyRunning, EmbeddedPostgresError
@@ -91,7 +91,7 @@ async def run_with_local_postgres(config: AgentConfig, directory: str | Path) ->
                 url=redact_url(url),
             )
             config = with_url(config, url)
-            await init_db(config)
+            await initialize(config)
             await run_agent(config, lock)
         finally:
             if owner is not None:
