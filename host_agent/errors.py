@@ -9,6 +9,8 @@
     │   ├── TriggerRefused      the agent belongs to another user                      8     no
     │   └── TriggerTimedOut     the triggered run did not finish within --wait         9     yes
     ├── EmbeddedPostgresError   the embedded PostgreSQL could not be set up or run     1     no
+    ├── BundleRefused           a bundle or receipt that is damaged, altered, or not   12    no
+    │                           for this store: nothing was applied or marked
     ├── StoreError              the local SQLite store failed                          1     no
     │   ├── StoreUnavailable    locked by another process, disk full, I/O error,       11    yes
     │   │                       read-only file: a fault that can clear by itself
@@ -67,6 +69,10 @@ class TriggerTimedOut(TriggerError):
 
 class EmbeddedPostgresError(HostAgentError):
     pass
+
+
+class BundleRefused(HostAgentError):
+    exit_code = 12
 
 
 class StoreError(HostAgentError):
