@@ -24,7 +24,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -125,37 +126,50 @@ def _line(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
-def encode_bundle(
-    meta: BundleMeta, rows: Iterable[BundleRow], *, compress: bool
-) -> bytes:
-    """The bundle's bytes. `meta.tables` must already describe `rows` (see `summarize`)."""
-    digest = hashlib.sha256()
-    out = io.BytesIO()
+def row_line(row: BundleRow) -> bytes:
+    return _line(
+        {
+            "table": row.table,
+            "id": row.id,
+            "row_version": row.row_version,
+            "values": {k: _encode_value(v) for k, v in row.values.items()},
+        }
+    )
 
-    def put(data: bytes) -> None:
-        digest.update(data)
-        out.write(data)
 
-    put(_line({"__meta__": meta.as_json()}))
-    count = 0
-    for row in rows:
-        put(
-            _line(
-                {
-                    "table": row.table,
-                    "id": row.id,
-                    "row_version": row.row_version,
-                    "values": {k: _encode_value(v) for k, v in row.values.items()},
-                }
-            )
+class BundleWriter:
+    """Writes one bundle to a binary stream: the header, rows as they come, the end line.
+    `meta.tables` must already describe the rows that will be written."""
+
+    def __init__(self, out: BinaryIO, meta: BundleMeta, *, compress: bool) -> None:
+        self._digest = hashlib.sha256()
+        self._compressor = (
+            zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False)
+            if compress
+            else None
         )
-        count += 1
-    out.write(_line({"__end__": {"rows": count, "sha256": digest.hexdigest()}}))
-    data = out.getvalue()
-    return zstandard.ZstdCompressor(level=3).compress(data) if compress else data
+        self._out: Any = self._compressor if self._compressor is not None else out
+        self.rows = 0
+        self._put(_line({"__meta__": meta.as_json()}))
+
+    def _put(self, data: bytes) -> None:
+        self._digest.update(data)
+        self._out.write(data)
+
+    def write(self, row: BundleRow) -> None:
+        self._put(row_line(row))
+        self.rows += 1
+
+    def finish(self) -> str:
+        """Write the end line; return the bundle's SHA-256."""
+        sha256 = self._digest.hexdigest()
+        self._out.write(_line({"__end__": {"rows": self.rows, "sha256": sha256}}))
+        if self._compressor is not None:
+            self._compressor.flush(zstandard.FLUSH_FRAME)
+        return sha256
 
 
-def summarize(meta: BundleMeta, rows: Sequence[BundleRow], stores: Mapping[str, str]) -> None:
+def summarize(meta: BundleMeta, rows: Iterable[BundleRow], stores: Mapping[str, str]) -> None:
     """Fill `meta.tables` from `rows` (`stores`: table -> its store's identity)."""
     for row in rows:
         summary = meta.tables.get(row.table)
@@ -166,41 +180,70 @@ def summarize(meta: BundleMeta, rows: Sequence[BundleRow], stores: Mapping[str, 
         summary.add(row.id, row.row_version)
 
 
+def encode_bundle(meta: BundleMeta, rows: Sequence[BundleRow], *, compress: bool) -> bytes:
+    """A whole bundle in memory (the gateway's unit: one batch)."""
+    out = io.BytesIO()
+    writer = BundleWriter(out, meta, compress=False)
+    for row in rows:
+        writer.write(row)
+    writer.finish()
+    data = out.getvalue()
+    # One frame that states its size: a truncated one cannot decompress at all.
+    return zstandard.ZstdCompressor(level=3).compress(data) if compress else data
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
 @dataclass
-class Bundle:
+class BundleHead:
+    """A bundle checked whole: its header and digest (rows are read again to apply them)."""
+
     meta: BundleMeta
-    rows: list[BundleRow]
     sha256: str
 
 
-def _plain(data: bytes) -> bytes:
-    if data[:4] != ZSTD_MAGIC:
-        return data
-    try:
-        # A frame that states its size (as ours do) must be whole to decompress at all.
-        plain: bytes = zstandard.ZstdDecompressor().decompress(data)
-    except zstandard.ZstdError as exc:
-        if "content size" not in str(exc):
-            raise BundleRefused(
-                f"not a whole zstd stream ({exc}): truncated or damaged"
-            ) from None
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            plain = reader.read()  # a stream without a stated size: the end line decides
-    if not plain:
-        raise BundleRefused("the zstd stream holds nothing: truncated or damaged")
-    return plain
+@dataclass
+class Bundle(BundleHead):
+    rows: list[BundleRow] = field(default_factory=list)
 
 
-def _lines(data: bytes) -> Iterator[bytes]:
-    start = 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
+Source = bytes | Path
+
+
+def _open(source: Source) -> BinaryIO:
+    """The bundle's plain bytes as a stream, decompressing zstd on the fly."""
+    raw: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic != ZSTD_MAGIC:
+        return raw
+    if isinstance(source, bytes):
+        try:
+            # A frame that states its size (as the gateway's do) must be whole to decompress.
+            return io.BytesIO(zstandard.ZstdDecompressor().decompress(source))
+        except zstandard.ZstdError as exc:
+            if "content size" not in str(exc):
+                raise BundleRefused(
+                    f"not a whole zstd stream ({exc}): truncated or damaged"
+                ) from None
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return io.BufferedReader(reader)
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    while True:
+        try:
+            line = stream.readline(MAX_LINE_BYTES + 1)
+        except zstandard.ZstdError as exc:
+            raise BundleRefused(f"the zstd stream is damaged ({exc})") from None
+        if not line:
+            return
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_LINE_BYTES:
+                raise BundleRefused("a line is longer than any row can be")
             raise BundleRefused("the last line is cut short: the bundle is truncated")
-        if end - start > MAX_LINE_BYTES:
-            raise BundleRefused("a line is longer than any row can be")
-        yield data[start : end + 1]
-        start = end + 1
+        yield line
 
 
 def _json(line: bytes, what: str) -> dict[str, Any]:
@@ -240,40 +283,6 @@ def _meta(obj: dict[str, Any]) -> BundleMeta:
     return meta
 
 
-def read_bundle(data: bytes) -> Bundle:
-    """Parse and check a whole bundle; raise `BundleRefused` saying what is wrong."""
-    plain = _plain(data)
-    if not plain:
-        raise BundleRefused("the bundle is empty")
-    digest = hashlib.sha256()
-    meta: BundleMeta | None = None
-    rows: list[BundleRow] = []
-    end: dict[str, Any] | None = None
-    for number, line in enumerate(_lines(plain), start=1):
-        if end is not None:
-            raise BundleRefused(f"line {number} follows the end line: the bundle was altered")
-        obj = _json(line, f"line {number}")
-        if "__end__" in obj:
-            end = obj["__end__"] if isinstance(obj["__end__"], dict) else {}
-            continue
-        digest.update(line)
-        if meta is None:
-            meta = _meta(obj)
-            continue
-        rows.append(_row(obj, number))
-    if meta is None:
-        raise BundleRefused("the bundle has no header")
-    if end is None:
-        raise BundleRefused("the bundle has no end line: it is truncated")
-    if end.get("sha256") != digest.hexdigest() or end.get("rows") != len(rows):
-        raise BundleRefused(
-            "the SHA-256 or row count in the end line does not match the content: the bundle "
-            "was altered, reordered or damaged"
-        )
-    _check_summary(meta, rows)
-    return Bundle(meta, rows, digest.hexdigest())
-
-
 def _row(obj: dict[str, Any], number: int) -> BundleRow:
     try:
         table, row_id, version = obj["table"], obj["id"], obj["row_version"]
@@ -287,18 +296,78 @@ def _row(obj: dict[str, Any], number: int) -> BundleRow:
         or not isinstance(values, dict)
     ):
         raise BundleRefused(f"line {number} is not a row")
-    return BundleRow(table, row_id, version, {k: _decode_value(v) for k, v in values.items()})
+    try:
+        decoded = {k: _decode_value(v) for k, v in values.items()}
+    except (ValueError, TypeError):
+        raise BundleRefused(f"line {number} holds bytes that are not base64") from None
+    return BundleRow(table, row_id, version, decoded)
 
 
-def _check_summary(meta: BundleMeta, rows: Sequence[BundleRow]) -> None:
+def _walk(source: Source, keep: list[BundleRow] | None) -> BundleHead:
+    """Read the whole bundle, checking everything; keep the rows in `keep` if given."""
+    digest = hashlib.sha256()
+    meta: BundleMeta | None = None
+    end: dict[str, Any] | None = None
     seen: dict[str, TableSummary] = {}
-    for row in rows:
-        declared = meta.tables.get(row.table)
-        if declared is None:
-            raise BundleRefused(f"a row of {row.table}, which the header does not list")
-        summary = seen.setdefault(row.table, TableSummary(declared.store_id, declared.columns))
-        summary.add(row.id, row.row_version)
+    count = 0
+    with _open(source) as stream:
+        for number, line in enumerate(_lines(stream), start=1):
+            if end is not None:
+                raise BundleRefused(
+                    f"line {number} follows the end line: the bundle was altered"
+                )
+            obj = _json(line, f"line {number}")
+            if "__end__" in obj:
+                end = obj["__end__"] if isinstance(obj["__end__"], dict) else {}
+                continue
+            digest.update(line)
+            if meta is None:
+                meta = _meta(obj)
+                continue
+            row = _row(obj, number)
+            declared = meta.tables.get(row.table)
+            if declared is None:
+                raise BundleRefused(f"a row of {row.table}, which the header does not list")
+            seen.setdefault(
+                row.table, TableSummary(declared.store_id, declared.columns)
+            ).add(row.id, row.row_version)
+            count += 1
+            if keep is not None:
+                keep.append(row)
+    if meta is None:
+        raise BundleRefused("no header: the bundle is empty, truncated, or not a bundle")
+    if end is None:
+        raise BundleRefused("the bundle has no end line: it is truncated")
+    if end.get("sha256") != digest.hexdigest() or end.get("rows") != count:
+        raise BundleRefused(
+            "the SHA-256 or row count in the end line does not match the content: the bundle "
+            "was altered, reordered or damaged"
+        )
     for name, declared in meta.tables.items():
         actual = seen.get(name, TableSummary(declared.store_id, declared.columns))
         if actual.as_json() != declared.as_json():
             raise BundleRefused(f"the rows of {name} do not match the header's counts and ranges")
+    return BundleHead(meta, digest.hexdigest())
+
+
+def check_bundle(source: Source) -> BundleHead:
+    """Read a bundle whole and check it, keeping nothing but its header: raise
+    `BundleRefused` saying what is wrong."""
+    return _walk(source, None)
+
+
+def read_bundle(source: Source) -> Bundle:
+    """Read and check a bundle, keeping its rows (for a bundle that fits in memory)."""
+    rows: list[BundleRow] = []
+    head = _walk(source, rows)
+    return Bundle(head.meta, head.sha256, rows)
+
+
+def bundle_rows(source: Source) -> Iterator[BundleRow]:
+    """The rows of a bundle `check_bundle` accepted, read again one by one."""
+    with _open(source) as stream:
+        for number, line in enumerate(_lines(stream), start=1):
+            obj = _json(line, f"line {number}")
+            if number == 1 or "__end__" in obj:
+                continue
+            yield _row(obj, number)
