@@ -6,6 +6,7 @@
     sync_state          the last run's outcome and the loop's schedule, for `status`
     synced_at           the mark on each data row ("this version is on the server")
     store_identity      the store's identity (read here; made once by its migration)
+    sync_exports        bundles exported by `host-agent export`, until `ack` settles them
 
 Every function takes a `sqlite3.Connection` and blocks: the sync engine calls them on its
 connections' worker threads (`host_agent.store.connection.AsyncConnection`), `status`,
@@ -190,8 +191,9 @@ def mark_shipped(
     batch: BatchRange,
     rejected: Sequence[Rejection],
     stamp: int,
-) -> None:
-    """In one transaction: quarantine `rejected`, mark the rest of the batch synced.
+) -> int:
+    """In one transaction: quarantine `rejected`, mark the rest of the batch synced; return
+    how many rows were marked.
 
     The mark is one range UPDATE guarded by the counter as it was before the batch was read:
     a row changed after the read has a newer version and stays unsynced, so a version that
@@ -199,18 +201,13 @@ def mark_shipped(
     name = table.name
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if rejected:
-            conn.executemany(
-                "INSERT OR REPLACE INTO sync_rejected_rows "
-                "(row_id, row_version, error, rejected_at) VALUES (?, ?, ?, ?)",
-                [(r.row_id, r.row_version, r.reason, stamp) for r in rejected],
-            )
-        conn.execute(
+        quarantine(conn, rejected, stamp)
+        marked = conn.execute(
             f"UPDATE {name} AS t SET synced_at = ? "
             "WHERE t.id BETWEEN ? AND ? AND t.synced_at IS NULL AND t.row_version <= ? "
             f"AND {NOT_QUARANTINED}",
             (stamp, batch.first_id, batch.last_id, batch.snapshot),
-        )
+        ).rowcount
         # Quarantine entries of rows that have since been shipped in a newer version.
         conn.execute(
             "DELETE FROM sync_rejected_rows AS q WHERE q.row_id BETWEEN ? AND ? AND EXISTS "
@@ -221,6 +218,16 @@ def mark_shipped(
     except BaseException:
         rollback_quietly(conn)
         raise
+    return int(marked)
+
+
+def quarantine(conn: sqlite3.Connection, rejected: Sequence[Rejection], stamp: int) -> None:
+    """Keep `rejected` out of shipping at their versions, with the reason."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO sync_rejected_rows (row_id, row_version, error, rejected_at) "
+        "VALUES (?, ?, ?, ?)",
+        [(r.row_id, r.row_version, r.reason, stamp) for r in rejected],
+    )
 
 
 def release_quarantine(conn: sqlite3.Connection) -> int:
@@ -269,3 +276,64 @@ def backlog(conn: sqlite3.Connection, table: LocalTable) -> Backlog:
         oldest_unsynced=None if oldest is None else float(oldest),
         pending_runs=int(conn.execute("SELECT count(*) FROM sync_runs").fetchone()[0]),
     )
+
+
+# --- exports (bundles carried to the server by hand) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Export:
+    bundle_id: str
+    span: BatchRange
+    rows: int
+    sha256: str
+    file: str | None
+    exported_at: int
+    acked_at: int | None
+
+
+def record_export(conn: sqlite3.Connection, export: Export) -> None:
+    conn.execute(
+        "INSERT INTO sync_exports (bundle_id, first_id, last_id, snapshot, rows, sha256, file, "
+        "exported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            export.bundle_id,
+            export.span.first_id,
+            export.span.last_id,
+            export.span.snapshot,
+            export.rows,
+            export.sha256,
+            export.file,
+            export.exported_at,
+        ),
+    )
+
+
+def find_export(conn: sqlite3.Connection, bundle_id: str) -> Export | None:
+    row = conn.execute(
+        "SELECT bundle_id, first_id, last_id, snapshot, rows, sha256, file, exported_at, "
+        "acked_at FROM sync_exports WHERE bundle_id = ?",
+        (bundle_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return Export(row[0], BatchRange(row[1], row[2], row[3]), row[4], row[5], row[6], row[7],
+                  row[8])  # fmt: skip
+
+
+def settle_export(
+    conn: sqlite3.Connection,
+    table: LocalTable,
+    export: Export,
+    rejected: Sequence[Rejection],
+    stamp: int,
+) -> int:
+    """Mark the exported rows the server took (`mark_shipped` over the export's range and
+    counter: a row changed since the export stays unsynced), quarantine the refused ones, and
+    remember the ack; return how many rows were marked. Acking twice marks nothing more."""
+    marked = mark_shipped(conn, table, export.span, rejected, stamp)
+    conn.execute(
+        "UPDATE sync_exports SET acked_at = coalesce(acked_at, ?) WHERE bundle_id = ?",
+        (stamp, export.bundle_id),
+    )
+    return marked

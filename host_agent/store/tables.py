@@ -14,6 +14,7 @@ later migrations with defaults, so an INSERT naming only the documented columns 
 - `sync_runs`: sync runs not yet written to PostgreSQL's `sync_logs` (kept while offline).
 - `sync_state`: the sync loop's last result and backoff, readable by `host-agent status`.
 - `store_identity`: the store's random identity, part of every row's key on the server.
+- `sync_exports`: bundles exported for carrying to the server, until their receipt is acked.
 """
 
 from __future__ import annotations
@@ -133,6 +134,27 @@ def _store_identity(table: str) -> tuple[Step, ...]:
     )
 
 
+_EXPORT_JOURNAL = Migration(
+    # Bundles exported to be carried to the server (`host-agent export`), so that `ack` marks
+    # exactly what a receipt says the server took: the rows of that range, at the versions
+    # exported (the change counter as it was), and no receipt of an unknown bundle.
+    "0005_export_journal",
+    (
+        """CREATE TABLE IF NOT EXISTS sync_exports (
+               bundle_id TEXT PRIMARY KEY,
+               first_id INTEGER NOT NULL,
+               last_id INTEGER NOT NULL,
+               snapshot INTEGER NOT NULL,
+               rows INTEGER NOT NULL,
+               sha256 TEXT NOT NULL,
+               file TEXT,
+               exported_at INTEGER NOT NULL,
+               acked_at INTEGER
+           )""",
+    ),
+)
+
+
 DESKTOP_ACTIVITY = LocalTable(
     name="desktop_activity_sessions",
     config_key="desktop_activity_db",
@@ -172,6 +194,7 @@ DESKTOP_ACTIVITY = LocalTable(
         ),
         Migration("0003_sync_bookkeeping", _sync_bookkeeping("desktop_activity_sessions")),
         Migration("0004_store_identity", _store_identity("desktop_activity_sessions")),
+        _EXPORT_JOURNAL,
     ),
 )
 
@@ -214,6 +237,7 @@ FILE_CHANGES = LocalTable(
             (_add_column_if_missing("file_change_events", "file_path_raw", "BLOB"),),
         ),
         Migration("0004_store_identity", _store_identity("file_change_events")),
+        _EXPORT_JOURNAL,
     ),
 )
 
