@@ -458,3 +458,20 @@ def _backend_state(pg: LocalPostgres, app: str) -> str:
     return pg.psql(
         f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
     ).strip()
+
+
+async def test_throttle_paces_the_client_to_the_given_rate(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    proxy.throttle(1_000_000)
+    payload = os.urandom(1_500_000)
+    started = time.monotonic()
+    assert await roundtrip(proxy.port, payload) == payload
+    elapsed = time.monotonic() - started
+    # At 1 MB/s, 1.5 MB take 1.5 s, less the first read forwarded at once (<= 256 kB).
+    assert 1.2 < elapsed < 5, elapsed
+    proxy.throttle(None)
+    started = time.monotonic()
+    assert await roundtrip(proxy.port, payload) == payload
+    assert time.monotonic() - started < 1.0

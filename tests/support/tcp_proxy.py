@@ -35,6 +35,7 @@ _CONTROL_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 10.0
 _SHUTDOWN_TIMEOUT = 10.0
 _RST_LINGER = struct.pack("ii", 1, 0)
+_THROTTLED_RCVBUF = 64 * 1024
 
 # PostgreSQL wire protocol, just enough to find the end of a transaction in the server's
 # stream: every server message is a type byte and a 4-byte length (counting itself), except
@@ -105,14 +106,18 @@ class _Side(asyncio.Protocol):
         self.link.close()
 
     def pause_writing(self) -> None:
+        if not self.is_client:
+            self.link.upstream_full = True
         peer = self.peer.transport
         if peer is not None and not peer.is_closing():
             peer.pause_reading()
 
     def resume_writing(self) -> None:
+        if not self.is_client:
+            self.link.upstream_full = False
+            self.link.proxy._resume_client(self.link)
+            return
         peer = self.peer.transport
-        if self.link.stalled and not self.is_client:
-            return  # the client stays unread until unstall()
         if peer is not None and not peer.is_closing():
             peer.resume_reading()
 
@@ -177,6 +182,8 @@ class _Link:
         self.upstream = _Side(self, is_client=False)
         self.closed = False
         self.stalled = False
+        self.upstream_full = False  # our writes to the server are backed up
+        self.throttled = False  # reading the client waits for the throttle's timer
         self.held_to_server = bytearray()
         self.held_to_client = bytearray()
         self.upstream_lost = False
@@ -220,6 +227,7 @@ class TcpProxy:
         self._blocked = False
         self._cut_remaining: int | None = None
         self._stall_remaining: int | None = None
+        self._rate: float | None = None
         self._idle_stall_remaining: int | None = None
         self._bytes_c2s = 0
         self._cut_event = threading.Event()
@@ -334,6 +342,19 @@ class TcpProxy:
         """Wait for a stall (armed or immediate) to take effect; False on timeout."""
         return self._stall_event.wait(timeout)
 
+    def throttle(self, client_bytes_per_second: float | None) -> None:
+        """Forward client->server at most this fast on each connection (None: at full
+        speed), like a slow uplink. A throttled connection's client is read only as fast as
+        it is forwarded, with a small receive buffer (for connections accepted from now
+        on), so the client's own writes are paced as on a real slow link."""
+        if client_bytes_per_second is not None and client_bytes_per_second <= 0:
+            raise ValueError("client_bytes_per_second must be > 0")
+
+        def go() -> None:
+            self._rate = client_bytes_per_second
+
+        self._call(go)
+
     def unstall(self) -> None:
         """Forward what each stalled connection held, in order (a close the server made
         meanwhile comes after its bytes), and carry on as before. Disarms any armed stall."""
@@ -434,6 +455,10 @@ class TcpProxy:
             return
         self._links.add(link)
         assert link.client.transport is not None
+        if self._rate is not None:
+            sock = link.client.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _THROTTLED_RCVBUF)
         # Nothing can be forwarded until upstream exists.
         link.client.transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._connect_upstream(link))
@@ -450,10 +475,7 @@ class TcpProxy:
         except (OSError, TimeoutError):
             link.reset()
             return
-        client = link.client.transport
-        if not link.closed and not link.stalled and client is not None:
-            if not client.is_closing():
-                client.resume_reading()
+        self._resume_client(link)
 
     def _on_client_data(self, link: _Link, data: bytes) -> None:
         upstream = link.upstream.transport
@@ -485,6 +507,8 @@ class TcpProxy:
         if data:
             upstream.write(data)
             self._bytes_c2s += len(data)
+            if self._rate is not None:
+                self._pace(link, len(data) / self._rate)
         if fire:
             self._fire_cut()
         elif stall:
@@ -538,10 +562,34 @@ class TcpProxy:
                 self._bytes_c2s += len(to_server)
             if link.client.eof and upstream.can_write_eof():
                 upstream.write_eof()
-            if client is not None and not client.is_closing():
-                client.resume_reading()  # without upstream yet, _connect_upstream does it
+        self._resume_client(link)
         if link.upstream.eof and link.client.eof:
             link.close()
+
+    def _pace(self, link: _Link, seconds: float) -> None:
+        client = link.client.transport
+        if client is None or client.is_closing():
+            return
+        link.throttled = True
+        client.pause_reading()
+
+        def end() -> None:
+            link.throttled = False
+            self._resume_client(link)
+
+        asyncio.get_running_loop().call_later(seconds, end)
+
+    def _resume_client(self, link: _Link) -> None:
+        """Read the client again unless something still holds it: no upstream yet, the
+        upstream backed up, a stall, the throttle."""
+        client = link.client.transport
+        if client is None or client.is_closing() or link.closed:
+            return
+        if link.upstream.transport is None or link.upstream_full:
+            return
+        if link.stalled or link.throttled:
+            return
+        client.resume_reading()
 
     def _fire_cut(self) -> None:
         self._cut_remaining = None
