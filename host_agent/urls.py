@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-
 _MUST_ENCODE = "@/?#[]"
 ENCODING_HINT = (
     "percent-encode it: %40 for @, %3A for :, %2F for /, %3F for ?, %23 for # (for example "
