@@ -308,3 +308,170 @@ def test_serves_subprocesses(pg_server: LocalPostgres, tcp_proxy_factory: MakePr
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "42"
     assert proxy.bytes_client_to_server > 0
+
+
+# --- stalls ------------------------------------------------------------------------------
+
+QUIET = 0.3  # how long a negative check watches for bytes that must not arrive
+
+
+async def assert_nothing_arrives(reader: asyncio.StreamReader) -> None:
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(QUIET):
+            await reader.read(65536)
+
+
+async def test_stall_holds_bytes_both_ways_until_unstall(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    reader, writer = await open_client(proxy.port)
+    try:
+        writer.write(b"before")
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await reader.readexactly(6) == b"before"
+        proxy.stall()
+        assert proxy.wait_stalled(0)
+        writer.write(b"held")
+        await assert_nothing_arrives(reader)
+        assert proxy.bytes_client_to_server == 6
+        # A stalled connection stays open, and new connections are served meanwhile.
+        assert proxy.connection_count == 1
+        assert await roundtrip(proxy.port, b"other") == b"other"
+        proxy.unstall()
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await reader.readexactly(4) == b"held"
+        writer.write(b"after")
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await reader.readexactly(5) == b"after"
+    finally:
+        await close_client(writer)
+
+
+async def test_stall_after_forwards_exactly_the_limit_and_holds_the_rest(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    proxy.stall_after(10)
+    assert not proxy.wait_stalled(0)
+    reader, writer = await open_client(proxy.port)
+    try:
+        writer.write(b"0123456789abcde")
+        assert proxy.wait_stalled(IO_TIMEOUT)
+        # The echo server got the first ten bytes; its answer is held like the rest.
+        await assert_nothing_arrives(reader)
+        assert proxy.bytes_client_to_server == 10
+        proxy.unstall()
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await reader.readexactly(15) == b"0123456789abcde"
+        assert proxy.bytes_client_to_server == 15
+    finally:
+        await close_client(writer)
+
+
+async def test_a_stalled_client_blocks_once_buffers_fill(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    """A stall is a black hole, not a sink: the proxy stops reading, so a client that keeps
+    writing finds its buffers full (what a stall detector relies on)."""
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    reader, writer = await open_client(proxy.port)
+    try:
+        writer.write(b"ping")  # the proxy has accepted this connection: stall() covers it
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await reader.readexactly(4) == b"ping"
+        proxy.stall()
+        chunk = b"x" * 65536
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1):
+                for _ in range(2_000):  # 128 MB: far more than any socket buffer
+                    writer.write(chunk)
+                    await writer.drain()
+        assert proxy.bytes_client_to_server == 4
+        proxy.unstall()
+    finally:
+        writer.transport.abort()
+
+
+async def test_stall_when_idle_holds_a_commit_acknowledgement(
+    pg_server: LocalPostgres, tcp_proxy_factory: MakeProxy
+) -> None:
+    """The stall lands after the server finished the transaction and before the client
+    heard so; statements inside the transaction are not held."""
+    proxy = tcp_proxy_factory("127.0.0.1", pg_server.port)
+    app = f"proxy-idle-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(
+        via(proxy, pg_server), timeout=IO_TIMEOUT, server_settings={"application_name": app}
+    )
+    try:
+        await conn.execute("CREATE TEMP TABLE t (v int)")
+        proxy.stall_when_idle()
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO t VALUES (1)", timeout=IO_TIMEOUT)  # in a transaction
+        assert not proxy.wait_stalled(0)
+        commit = asyncio.ensure_future(tx.commit())
+        assert await asyncio.to_thread(proxy.wait_stalled, IO_TIMEOUT)
+        await eventually(lambda: _backend_state(pg_server, app) == "idle")
+        done, _ = await asyncio.wait({commit}, timeout=QUIET)
+        assert not done, "the commit's acknowledgement must be held"
+        proxy.unstall()
+        async with asyncio.timeout(IO_TIMEOUT):
+            await commit
+        assert await conn.fetchval("SELECT count(*) FROM t", timeout=IO_TIMEOUT) == 1
+    finally:
+        await conn.close(timeout=IO_TIMEOUT)
+
+
+async def test_a_server_close_during_a_stall_arrives_after_the_held_answer(
+    pg_server: LocalPostgres, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", pg_server.port)
+    app = f"proxy-idle-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(
+        via(proxy, pg_server), timeout=IO_TIMEOUT, server_settings={"application_name": app}
+    )
+    try:
+        # Several transactions' worth of bytes first: the stall waits for them to pass.
+        for _ in range(3):
+            assert await conn.fetchval("SELECT 1", timeout=IO_TIMEOUT) == 1
+        proxy.stall_when_idle(after_client_bytes=1)
+        query = asyncio.ensure_future(conn.fetchval("SELECT 42"))
+        assert await asyncio.to_thread(proxy.wait_stalled, IO_TIMEOUT)
+        assert not conn.is_closed()
+        # The server ends the connection while the client has not heard the answer yet.
+        pg_server.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE application_name = '{app}'"
+        )
+        await eventually(lambda: _backend_state(pg_server, app) == "")
+        assert not query.done() and not conn.is_closed()
+        proxy.unstall()
+        async with asyncio.timeout(IO_TIMEOUT):
+            assert await query == 42
+        await eventually(conn.is_closed)
+    finally:
+        await conn.close(timeout=IO_TIMEOUT)
+
+
+def _backend_state(pg: LocalPostgres, app: str) -> str:
+    return pg.psql(
+        f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
+    ).strip()
+
+
+async def test_throttle_paces_the_client_to_the_given_rate(
+    echo: EchoServer, tcp_proxy_factory: MakeProxy
+) -> None:
+    proxy = tcp_proxy_factory("127.0.0.1", echo.port)
+    proxy.throttle(1_000_000)
+    payload = os.urandom(1_500_000)
+    started = time.monotonic()
+    assert await roundtrip(proxy.port, payload) == payload
+    elapsed = time.monotonic() - started
+    # At 1 MB/s, 1.5 MB take 1.5 s, less the first read forwarded at once (<= 256 kB).
+    assert 1.2 < elapsed < 5, elapsed
+    proxy.throttle(None)
+    started = time.monotonic()
+    assert await roundtrip(proxy.port, payload) == payload
+    assert time.monotonic() - started < 1.0

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,8 +25,9 @@ BUSY_TIMEOUT_MS = 10_000
 # WAL lets the sync engine read while collectors write. synchronous=FULL makes every commit
 # survive a power cut, not only a process crash: collectors write in batches, so the cost is
 # one fsync per batch, and "a row written to SQLite reaches PostgreSQL" needs the row to exist.
+WAL = "PRAGMA journal_mode=WAL"
 PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
+    WAL,
     f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
@@ -37,7 +39,26 @@ T = TypeVar("T")
 
 def apply_pragmas(conn: sqlite3.Connection, *extra: str) -> None:
     for pragma in (*PRAGMAS, *extra):
-        conn.execute(pragma)
+        if pragma == WAL:
+            _switch_to_wal(conn)
+        else:
+            conn.execute(pragma)
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Put a new file in WAL mode. When two processes do it to the same new file at the same
+    moment (two `sync --once` on a fresh data directory), SQLite answers "database is
+    locked" at once, without waiting in its busy handler: wait for the other here instead,
+    within the same busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute(WAL)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def connect(path: Path | str, *, any_thread: bool = False, extra: tuple[str, ...] = ()) -> (

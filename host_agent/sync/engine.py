@@ -9,7 +9,8 @@ Faults, and what a run does about them:
 - the server is lost at any point (connect, between batches or tables, mid-batch, marking):
   reconnect and carry on from the last committed batch, within the run's quick-retry budget
   (`Attempts`: `quick_retries` failures in a row, waits from the retry policy, and for
-  `sync --once` an overall deadline); past it the table fails with the real cause;
+  `sync --once` a deadline that progress pushes back); past it the table fails with the
+  real cause;
 - the server refuses rows: they are quarantined and the rest flows on (the sink isolates them);
 - the local file is locked, full or failing: that table's run fails saying so, the others go
   on; a run entry that cannot be journalled is held in memory and written later (to the file
@@ -124,20 +125,26 @@ class Prepared:
 
 
 class Attempts:
-    """A run's budget for reaching the server: `limit` failures in a row (progress starts the
-    count again), waits from `policy`, and no wait or connect past `deadline` (monotonic)."""
+    """A run's budget for reaching the server: `limit` failures in a row, waits from
+    `policy`, and with a `window` no wait or connect more than `window` seconds after the
+    run started or last made progress. Progress starts both again: the window bounds how
+    long a server may go without answering, not how long a healthy run may take."""
 
-    def __init__(self, limit: int, policy: RetryPolicy, deadline: float | None) -> None:
+    def __init__(self, limit: int, policy: RetryPolicy, window: float | None) -> None:
         self.limit = limit
         self.policy = policy
-        self.deadline = deadline
+        self.window = window
+        self.deadline: float | None = None  # monotonic
         self.failures = 0
+        self.progressed()
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     def progressed(self) -> None:
         self.failures = 0
+        if self.window is not None:
+            self.deadline = time.monotonic() + self.window
 
     def next_wait(self) -> float | None:
         """Count a failure; the wait before the next try, or None when the budget is spent."""
@@ -201,10 +208,7 @@ class SyncEngine:
     # -- reaching the server ---------------------------------------------------------------
 
     def _attempts(self) -> Attempts:
-        deadline = None
-        if self.deadline_seconds is not None:
-            deadline = time.monotonic() + self.deadline_seconds
-        return Attempts(self.quick_retries, self.retry_policy, deadline)
+        return Attempts(self.quick_retries, self.retry_policy, self.deadline_seconds)
 
     async def _connect(self, attempts: Attempts) -> None:
         left = attempts.remaining()

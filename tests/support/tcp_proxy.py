@@ -6,6 +6,14 @@ once the change has taken effect on the proxy's loop.
 
 Connections are cut with RST (SO_LINGER 0): both peers see a reset rather than a clean EOF,
 and bytes still queued in the proxy are dropped, as with a real network failure.
+
+A stall is the other kind of network failure: the connections stay open and nothing moves
+(a black hole). Bytes that reach the proxy meanwhile are held, not dropped, and the client's
+sockets are no longer read, so a client writing into a stalled connection soon blocks, as it
+would on a real network. A server closing its end during a stall is held too: `unstall()`
+delivers the held bytes first, then the close. For PostgreSQL (recognized per connection by
+its start-up packet) `stall_when_idle` stalls exactly at the end of a transaction: the server
+has committed and said so, the client has not heard it yet.
 """
 
 from __future__ import annotations
@@ -27,6 +35,16 @@ _CONTROL_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 10.0
 _SHUTDOWN_TIMEOUT = 10.0
 _RST_LINGER = struct.pack("ii", 1, 0)
+_THROTTLED_RCVBUF = 64 * 1024
+
+# PostgreSQL wire protocol, just enough to find the end of a transaction in the server's
+# stream: every server message is a type byte and a 4-byte length (counting itself), except
+# the one-byte answer to an SSLRequest/GSSENCRequest that may open a connection.
+_PG_PROTOCOL_3 = 196608
+_PG_SSL_REQUEST = 80877103
+_PG_GSSENC_REQUEST = 80877104
+_PG_READY_FOR_QUERY = ord("Z")
+_PG_IDLE = ord("I")
 
 
 def _reset(transport: asyncio.BaseTransport | None) -> None:
@@ -65,11 +83,13 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.is_client:
             self.link.proxy._on_client_data(self.link, data)
-        elif self.peer.transport is not None:
-            self.peer.transport.write(data)
+        else:
+            self.link.proxy._on_server_data(self.link, data)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.link.stalled:
+            return True  # delivered after the held bytes, by unstall()
         peer = self.peer.transport
         if peer is not None and not peer.is_closing() and peer.can_write_eof():
             peer.write_eof()
@@ -80,17 +100,77 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.link.proxy._on_transport_lost(self.transport)
+        if self.link.stalled and not self.is_client:
+            self.link.upstream_lost = True  # delivered after the held bytes, by unstall()
+            return
         self.link.close()
 
     def pause_writing(self) -> None:
+        if not self.is_client:
+            self.link.upstream_full = True
         peer = self.peer.transport
         if peer is not None and not peer.is_closing():
             peer.pause_reading()
 
     def resume_writing(self) -> None:
+        if not self.is_client:
+            self.link.upstream_full = False
+            self.link.proxy._resume_client(self.link)
+            return
         peer = self.peer.transport
         if peer is not None and not peer.is_closing():
             peer.resume_reading()
+
+
+class _PgServerStream:
+    """Follows the message framing of a PostgreSQL server's stream, to find the status byte
+    of each ReadyForQuery. Gives up (finds nothing) on anything it does not understand."""
+
+    def __init__(self) -> None:
+        self.opaque = False
+        self.single_byte_answer = False  # the client asked for SSL/GSSAPI first
+        self._header = bytearray()
+        self._body_left = 0
+        self._ready_for_query = False
+
+    def follow_client_start(self, first_message: bytes) -> None:
+        """Judge the connection by the client's first 8 bytes."""
+        length, code = struct.unpack("!ii", first_message[:8])
+        if code in (_PG_SSL_REQUEST, _PG_GSSENC_REQUEST) and length == 8:
+            self.single_byte_answer = True
+        elif code != _PG_PROTOCOL_3:
+            self.opaque = True
+
+    def idle_positions(self, data: bytes) -> list[int]:
+        """Offsets in `data` of the status byte of a ReadyForQuery saying "idle"."""
+        found: list[int] = []
+        i = 0
+        while i < len(data) and not self.opaque:
+            if self.single_byte_answer:
+                self.single_byte_answer = False
+                if data[i] != ord("N"):
+                    self.opaque = True  # encrypted from here on
+                i += 1
+                continue
+            if self._body_left:
+                if self._ready_for_query and data[i] == _PG_IDLE:
+                    found.append(i)
+                step = min(self._body_left, len(data) - i)
+                self._body_left -= step
+                i += step
+                continue
+            take = min(5 - len(self._header), len(data) - i)
+            self._header += data[i : i + take]
+            i += take
+            if len(self._header) == 5:
+                length = int.from_bytes(self._header[1:5], "big")
+                if length < 4:
+                    self.opaque = True
+                    break
+                self._ready_for_query = self._header[0] == _PG_READY_FOR_QUERY and length == 5
+                self._body_left = length - 4
+                self._header.clear()
+        return found
 
 
 class _Link:
@@ -101,6 +181,14 @@ class _Link:
         self.client = _Side(self, is_client=True)
         self.upstream = _Side(self, is_client=False)
         self.closed = False
+        self.stalled = False
+        self.upstream_full = False  # our writes to the server are backed up
+        self.throttled = False  # reading the client waits for the throttle's timer
+        self.held_to_server = bytearray()
+        self.held_to_client = bytearray()
+        self.upstream_lost = False
+        self.client_start = bytearray()  # the client's first bytes, to recognize PostgreSQL
+        self.pg = _PgServerStream()
 
     def close(self) -> None:
         """Orderly close: let each side flush what it was already given."""
@@ -142,8 +230,12 @@ class TcpProxy:
         self._connect_tasks: set[asyncio.Task[None]] = set()
         self._blocked = False
         self._cut_remaining: int | None = None
+        self._stall_remaining: int | None = None
+        self._rate: float | None = None
+        self._idle_stall_remaining: int | None = None
         self._bytes_c2s = 0
         self._cut_event = threading.Event()
+        self._stall_event = threading.Event()
 
     # --- public API (any thread) ------------------------------------------------------
 
@@ -220,6 +312,75 @@ class TcpProxy:
     def wait_cut(self, timeout: float) -> bool:
         """Wait for an armed cut_after to fire; False on timeout."""
         return self._cut_event.wait(timeout)
+
+    def stall(self) -> None:
+        """Stall every open connection now: nothing is forwarded either way and nothing is
+        closed until unstall(). New connections are still served."""
+
+        def go() -> None:
+            self._stall_event.clear()
+            self._fire_stall()
+
+        self._call(go)
+
+    def stall_after(self, client_bytes: int) -> None:
+        """Arm a stall: once `client_bytes` more bytes have gone client->server (over all
+        connections), stall every open connection. Bytes beyond the limit are held."""
+        if client_bytes < 0:
+            raise ValueError("client_bytes must be >= 0")
+
+        def go() -> None:
+            self._stall_event.clear()
+            self._stall_remaining = client_bytes
+            if client_bytes == 0:
+                self._fire_stall()
+
+        self._call(go)
+
+    def stall_when_idle(self, after_client_bytes: int = 0) -> None:
+        """Arm a stall at the end of a PostgreSQL transaction: once `after_client_bytes`
+        more bytes have gone client->server, the next time a server says it is idle (the
+        status byte of ReadyForQuery, which answers a COMMIT or a statement outside a
+        transaction) everything is stalled just before that byte reaches the client. The
+        server has finished; the client is still waiting for the answer."""
+        if after_client_bytes < 0:
+            raise ValueError("after_client_bytes must be >= 0")
+
+        def go() -> None:
+            self._stall_event.clear()
+            self._idle_stall_remaining = after_client_bytes
+
+        self._call(go)
+
+    def wait_stalled(self, timeout: float) -> bool:
+        """Wait for a stall (armed or immediate) to take effect; False on timeout."""
+        return self._stall_event.wait(timeout)
+
+    def throttle(self, client_bytes_per_second: float | None) -> None:
+        """Forward client->server at most this fast on each connection (None: at full
+        speed), like a slow uplink. A throttled connection's client is read only as fast as
+        it is forwarded, with a small receive buffer (for connections accepted from now
+        on), so the client's own writes are paced as on a real slow link."""
+        if client_bytes_per_second is not None and client_bytes_per_second <= 0:
+            raise ValueError("client_bytes_per_second must be > 0")
+
+        def go() -> None:
+            self._rate = client_bytes_per_second
+
+        self._call(go)
+
+    def unstall(self) -> None:
+        """Forward what each stalled connection held, in order (a close the server made
+        meanwhile comes after its bytes), and carry on as before. Disarms any armed stall."""
+
+        def go() -> None:
+            self._stall_remaining = None
+            self._idle_stall_remaining = None
+            for link in list(self._links):
+                if link.stalled:
+                    self._release(link)
+
+        self._call(go)
 
     def close(self) -> None:
         if self._closed:
@@ -309,6 +470,10 @@ class TcpProxy:
             return
         self._links.add(link)
         assert link.client.transport is not None
+        if self._rate is not None:
+            sock = link.client.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _THROTTLED_RCVBUF)
         # Nothing can be forwarded until upstream exists.
         link.client.transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._connect_upstream(link))
@@ -325,28 +490,123 @@ class TcpProxy:
         except (OSError, TimeoutError):
             link.reset()
             return
-        client = link.client.transport
-        if not link.closed and client is not None and not client.is_closing():
-            client.resume_reading()
+        self._resume_client(link)
 
     def _on_client_data(self, link: _Link, data: bytes) -> None:
         upstream = link.upstream.transport
         if upstream is None or link.closed:
             return
-        fire = False
+        if len(link.client_start) < 8:
+            link.client_start += data[: 8 - len(link.client_start)]
+            if len(link.client_start) == 8:
+                link.pg.follow_client_start(bytes(link.client_start))
+        if link.stalled:
+            link.held_to_server += data
+            return
+        fire = stall = False
+        held = b""
         if self._cut_remaining is not None:
             if len(data) >= self._cut_remaining:
                 data = data[: self._cut_remaining]
                 fire = True
             else:
                 self._cut_remaining -= len(data)
+        if self._stall_remaining is not None and not fire:
+            if len(data) >= self._stall_remaining:
+                data, held = data[: self._stall_remaining], data[self._stall_remaining :]
+                stall = True
+            else:
+                self._stall_remaining -= len(data)
+        if self._idle_stall_remaining:
+            self._idle_stall_remaining = max(0, self._idle_stall_remaining - len(data))
         if data:
             upstream.write(data)
             self._bytes_c2s += len(data)
             if self._record:
                 self._recorded += data
+            if self._rate is not None:
+                self._pace(link, len(data) / self._rate)
         if fire:
             self._fire_cut()
+        elif stall:
+            self._fire_stall()
+            link.held_to_server += held
+
+    def _on_server_data(self, link: _Link, data: bytes) -> None:
+        client = link.client.transport
+        if client is None or link.closed:
+            return
+        idle_at = link.pg.idle_positions(data)
+        if link.stalled:
+            link.held_to_client += data
+            return
+        if idle_at and self._idle_stall_remaining == 0:
+            cut = idle_at[0]
+            if cut:
+                client.write(data[:cut])
+            self._fire_stall()
+            link.held_to_client += data[cut:]
+            return
+        client.write(data)
+
+    def _fire_stall(self) -> None:
+        self._stall_remaining = None
+        self._idle_stall_remaining = None
+        for link in self._links:
+            if not link.stalled:
+                link.stalled = True
+                if link.client.transport is not None and not link.client.transport.is_closing():
+                    link.client.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._stall_event.set)
+
+    def _release(self, link: _Link) -> None:
+        link.stalled = False
+        client, upstream = link.client.transport, link.upstream.transport
+        to_client, to_server = bytes(link.held_to_client), bytes(link.held_to_server)
+        link.held_to_client.clear()
+        link.held_to_server.clear()
+        if client is not None and not client.is_closing():
+            if to_client:
+                client.write(to_client)
+            if link.upstream.eof and not link.upstream_lost and client.can_write_eof():
+                client.write_eof()
+        if link.upstream_lost:
+            link.close()  # orderly: the client gets what was held first
+            return
+        if upstream is not None and not upstream.is_closing():
+            if to_server:
+                upstream.write(to_server)
+                self._bytes_c2s += len(to_server)
+            if link.client.eof and upstream.can_write_eof():
+                upstream.write_eof()
+        self._resume_client(link)
+        if link.upstream.eof and link.client.eof:
+            link.close()
+
+    def _pace(self, link: _Link, seconds: float) -> None:
+        client = link.client.transport
+        if client is None or client.is_closing():
+            return
+        link.throttled = True
+        client.pause_reading()
+
+        def end() -> None:
+            link.throttled = False
+            self._resume_client(link)
+
+        asyncio.get_running_loop().call_later(seconds, end)
+
+    def _resume_client(self, link: _Link) -> None:
+        """Read the client again unless something still holds it: no upstream yet, the
+        upstream backed up, a stall, the throttle."""
+        client = link.client.transport
+        if client is None or client.is_closing() or link.closed:
+            return
+        if link.upstream.transport is None or link.upstream_full:
+            return
+        if link.stalled or link.throttled:
+            return
+        client.resume_reading()
 
     def _fire_cut(self) -> None:
         self._cut_remaining = None

@@ -49,6 +49,10 @@ from host_agent.sync.postgres.schema import apply_schema, check_host, check_sche
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
 
 _PROGRESS_EVERY = 256  # records pulled into a COPY between progress stamps
+# A COPY is bounded by its progress (`_watched`), not its length: asyncpg would otherwise apply
+# command_timeout to the whole COPY, failing every try of a batch a slow link takes longer
+# than that to carry.
+_COPY_TOTAL_TIMEOUT = 7 * 24 * 3600.0
 
 
 def _ts(epoch: float | None) -> datetime | None:
@@ -72,9 +76,10 @@ class _Progress:
         self.at = time.monotonic()
 
     def feed(self, records: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
-        for index, record in enumerate(records):
-            if index % _PROGRESS_EVERY == 0:
-                self.touch()
+        # Every record, not every n-th: with rows of a megabyte a batch is a few records,
+        # and a slow link takes seconds for each (a clock read is cheap next to encoding).
+        for record in records:
+            self.touch()
             yield record
         self.touch()
 
@@ -141,9 +146,13 @@ class PostgresSink:
 
     @contextlib.asynccontextmanager
     async def _watched(self, conn: asyncpg.Connection) -> AsyncIterator[_Progress]:
-        """Drop `conn` when the work inside makes no progress for command_timeout seconds."""
+        """Drop `conn` when the work inside makes no progress for command_timeout seconds,
+        and interrupt that work: asyncpg does not wake a COPY that waits for its socket to
+        drain when the connection is dropped under it, so dropping alone can hang forever."""
         progress = _Progress()
         limit = self._command_timeout
+        worker = asyncio.current_task()
+        assert worker is not None
 
         async def watch() -> None:
             while True:
@@ -151,18 +160,24 @@ class PostgresSink:
                 if time.monotonic() - progress.at > limit:
                     progress.stalled = True
                     conn.terminate()
+                    worker.cancel()
                     return
 
         watcher = asyncio.ensure_future(watch())
         try:
             yield progress
-        except Exception as exc:
-            if progress.stalled:
-                raise SinkUnavailable(
-                    f"PostgreSQL stopped answering mid-batch (no progress for {limit:g} s); "
-                    "the connection was dropped and the batch will be shipped again"
-                ) from exc
-            raise
+        except (Exception, asyncio.CancelledError) as exc:
+            if not progress.stalled:
+                raise
+            # Take back our own cancellation; one from elsewhere (shutdown) still stands.
+            if worker.uncancel() > 0:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise asyncio.CancelledError from exc
+            raise SinkUnavailable(
+                f"PostgreSQL stopped answering mid-batch (no progress for {limit:g} s); "
+                "the connection was dropped and the batch will be shipped again"
+            ) from exc
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -275,7 +290,10 @@ class PostgresSink:
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table(
-                        plan.table, records=progress.feed(fresh), columns=plan.pg_columns
+                        plan.table,
+                        records=progress.feed(fresh),
+                        columns=plan.pg_columns,
+                        timeout=_COPY_TOTAL_TIMEOUT,
                     )
                 written += len(fresh)
             except asyncpg.UniqueViolationError:
@@ -303,7 +321,10 @@ class PostgresSink:
         )
         await conn.execute(f"TRUNCATE {stage}")
         await conn.copy_records_to_table(
-            stage, records=progress.feed(records), columns=plan.pg_columns
+            stage,
+            records=progress.feed(records),
+            columns=plan.pg_columns,
+            timeout=_COPY_TOTAL_TIMEOUT,
         )
         status = await conn.execute(
             f"INSERT INTO {plan.table} AS target ({columns}) SELECT {columns} FROM {stage} "
