@@ -988,5 +988,10 @@ def test_a_slow_link_that_keeps_moving_is_not_taken_for_a_stall(
 
 
 def _heap_bytes(server: Server) -> int:
-    """Bytes in file_change_events' heap: rows inserted, committed or not."""
-    return int(server.fetch("SELECT pg_relation_size('file_change_events')")[0][0])
+    """Bytes in file_change_events' heaps (every partition): rows inserted, committed or not."""
+    return int(
+        server.fetch(
+            "SELECT coalesce(sum(pg_relation_size(relid)), 0) "
+            "FROM pg_partition_tree('file_change_events')"
+        )[0][0]
+    )
