@@ -529,3 +529,14 @@ def test_the_expander_does_what_grafana_does() -> None:
                 "${host:csv}", "-- about $host\nSELECT 1"):
         with pytest.raises(ExpansionError):
             expand(bad, span, known, {"host": "a"})
+
+
+def test_the_readme_describes_every_dashboard_and_panel() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Dashboards\n", 1)[1].split("\n## ", 1)[0]
+    for board in dashboards():
+        title = board["title"].removeprefix("host-agent: ")
+        assert f"**{title[0].upper()}{title[1:]}**" in section, board["title"]
+        for panel in panels(board):
+            name = panel["title"].removesuffix(": $host")
+            assert f"*{name}*:" in section, panel["title"]
