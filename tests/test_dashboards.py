@@ -187,8 +187,9 @@ async def _ship_two_hosts(url: str, base: Path) -> None:
             assert report.failed == (1 if host == ANA and round_days == (0,) else 0)
 
 
-def _reader_login(pg: LocalPostgres, admin_url: str, password: str) -> str:
-    """Run the compose stack's reader-login step for real; the reader's URL."""
+def _run_reader_login(pg: LocalPostgres, admin_url: str, password: str,
+                      tries: int = 3) -> subprocess.CompletedProcess[str]:
+    """Run the compose stack's reader-login step for real, with `admin_url`'s connection."""
     parts = urlsplit(admin_url)
     assert parts.hostname and parts.port and parts.username and parts.password
     env = {
@@ -199,12 +200,19 @@ def _reader_login(pg: LocalPostgres, admin_url: str, password: str) -> str:
         "PGPASSWORD": unquote(parts.password),
         "PGDATABASE": unquote(parts.path.lstrip("/")),
         "GRAFANA_DB_PASSWORD": password,
-        "READER_LOGIN_TRIES": "3",
+        "READER_LOGIN_TRIES": str(tries),
     }
     done = subprocess.run(["sh", str(READER_LOGIN)], env=env, capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
+    return done
+
+
+def _reader_login(pg: LocalPostgres, admin_url: str, password: str) -> str:
+    """The reader's URL, once the reader-login step gave it `password`."""
+    done = _run_reader_login(pg, admin_url, password)
+    assert done.returncode == 0, done.stderr
+    parts = urlsplit(admin_url)
     return (f"postgresql://host_agent_reader:{quote(password, safe='')}@{parts.hostname}:"
             f"{parts.port}{parts.path}")
 
@@ -486,6 +494,15 @@ async def test_without_createrole_the_schema_applies_and_says_the_reader_is_miss
         "owned",
     ).strip()
     assert readable == "desktop_activity_sessions,file_change_events,sync_logs"
+
+
+def test_the_reader_login_step_says_why_it_cannot_run(pg_server: LocalPostgres) -> None:
+    wrong = urlsplit(pg_server.url())._replace(
+        netloc=f"postgres:wrong-{uuid.uuid4().hex}@127.0.0.1:{pg_server.port}").geturl()
+    done = _run_reader_login(pg_server, wrong, "secret-reader-pw", tries=1)
+    assert done.returncode == 1
+    assert "cannot query 127.0.0.1" in done.stderr
+    assert "password authentication failed" in done.stderr
 
 
 def test_the_expander_does_what_grafana_does() -> None:

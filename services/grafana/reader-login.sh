@@ -12,12 +12,16 @@ set -eu
 # The role appears once the schema is applied: by the postgres service's init scripts on a new
 # volume, or by the agent's `host-agent init-db` on an older one.
 tries=0
-until [ "$(psql -XAtq -c "SELECT count(*) FROM pg_roles WHERE rolname = 'host_agent_reader'" \
-           2>/dev/null)" = 1 ]; do
+until found=$(psql -XAtq -c "SELECT count(*) FROM pg_roles WHERE rolname = 'host_agent_reader'" \
+                  2>&1) && [ "$found" = 1 ]; do
     tries=$((tries + 1))
     if [ "$tries" -ge "${READER_LOGIN_TRIES:-90}" ]; then
-        echo "reader-login: no role host_agent_reader on $PGHOST: apply the schema" \
-             "(host-agent init-db) as an administrator, then run this again" >&2
+        if [ "$found" = 0 ]; then
+            echo "reader-login: no role host_agent_reader: apply the schema" \
+                 "(host-agent init-db) as an administrator, then run this again" >&2
+        else
+            echo "reader-login: cannot query $PGHOST: $found" >&2
+        fi
         exit 1
     fi
     sleep 2
