@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -84,3 +85,149 @@ def test_dockerfile_copies_what_exists_and_runs_the_agent() -> None:
         "a normal install, not an editable one: the package carries its schema"
     )
     assert re.search(r"^USER (?!root)", text, re.MULTILINE), "the agent does not run as root"
+
+
+# --- Grafana ------------------------------------------------------------------------------------
+
+GRAFANA = ROOT / "services" / "grafana"
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source, for bind mounts (sources starting with ./) and volumes."""
+    found = {}
+    for mount in service["volumes"]:
+        source, target = mount.split(":")[:2]
+        found[target] = source
+    return found
+
+
+def _provisioning(kind: str) -> dict[str, Any]:
+    [path] = sorted((GRAFANA / "provisioning" / kind).glob("*.yaml"))
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    assert data["apiVersion"] == 1, path
+    return data
+
+
+def _datasource() -> dict[str, Any]:
+    [source] = _provisioning("datasources")["datasources"]
+    return dict(source)
+
+
+def test_grafana_runs_a_pinned_official_image_with_its_provisioning_mounted() -> None:
+    services = compose()["services"]
+    grafana = services["grafana"]
+    assert re.fullmatch(r"grafana/grafana(-oss)?:\d+\.\d+\.\d+", grafana["image"]), (
+        "the official image, pinned to a release"
+    )
+    mounts = _mounts(grafana)
+    for target in ("/etc/grafana/provisioning/datasources", "/etc/grafana/provisioning/dashboards"):
+        assert mounts[target] == f"./services/grafana/provisioning/{target.rsplit('/', 1)[1]}"
+    for target, source in mounts.items():
+        if source.startswith("./"):
+            assert (ROOT / source).is_dir(), source
+            assert f"{target}:ro" in " ".join(grafana["volumes"]), f"{target} read-only"
+    assert "grafana-data" in compose()["volumes"] and mounts["/var/lib/grafana"] == "grafana-data"
+    assert grafana["ports"] == ["127.0.0.1:${GRAFANA_PORT:-3000}:3000"], "loopback only"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    directory, name = home.rsplit("/", 1)
+    assert (ROOT / mounts[directory] / name).is_file(), home
+
+
+def test_the_dashboard_provider_points_at_the_mounted_dashboards() -> None:
+    mounts = _mounts(compose()["services"]["grafana"])
+    [provider] = _provisioning("dashboards")["providers"]
+    assert provider["type"] == "file"
+    path = provider["options"]["path"]
+    assert mounts[path] == "./services/grafana/dashboards"
+    assert sorted(p.name for p in (ROOT / mounts[path]).glob("*.json")) == [
+        "activity.json", "fleet-sync-health.json",
+    ]
+
+
+def test_the_data_source_is_the_compose_postgres_read_by_the_reader_role() -> None:
+    source = _datasource()
+    assert source["type"] == "grafana-postgresql-datasource"
+    host, port = source["url"].split(":")
+    assert host in compose()["services"] and port == "5432"
+    assert source["user"] == "host_agent_reader"
+    schema = (ROOT / "services/database/init/07_grafana_reader.sql").read_text()
+    assert "CREATE ROLE host_agent_reader NOLOGIN" in schema
+    # The panels' SQL is tested with the plain PostgreSQL macros, not TimescaleDB's.
+    assert source["jsonData"].get("timescaledb", False) is False
+    assert source["jsonData"]["database"] == "$__env{POSTGRES_DB}"
+    assert source["secureJsonData"]["password"] == "$__env{GRAFANA_DB_PASSWORD}"
+
+
+def test_every_env_reference_of_the_provisioning_is_set_from_env_file_values() -> None:
+    services = compose()["services"]
+    grafana_env = services["grafana"]["environment"]
+    text = (GRAFANA / "provisioning/datasources/host-agent.yaml").read_text()
+    for name in re.findall(r"\$__env\{(\w+)\}", text):
+        assert name in grafana_env, name
+    assert grafana_env["POSTGRES_DB"] == services["postgres"]["environment"]["POSTGRES_DB"]
+    login = services["grafana-reader-login"]
+    for env in (grafana_env, login["environment"]):
+        assert env["GRAFANA_DB_PASSWORD"].startswith("${GRAFANA_DB_PASSWORD:?"), "no default"
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD")
+    example = (ROOT / ".env.example").read_text()
+    for key in ("GRAFANA_DB_PASSWORD", "GRAFANA_ADMIN_USER", "GRAFANA_ADMIN_PASSWORD",
+                "GRAFANA_PORT"):
+        assert re.search(rf"^{key}=", example, re.MULTILINE), key
+
+
+def test_the_reader_login_runs_before_grafana_with_the_admin_connection() -> None:
+    services = compose()["services"]
+    login = services["grafana-reader-login"]
+    assert login["image"] == services["postgres"]["image"], "its psql matches the server"
+    assert login["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["grafana"]["depends_on"]["grafana-reader-login"]["condition"] == (
+        "service_completed_successfully"
+    )
+    mounts = _mounts(login)
+    [script] = [target for target, source in mounts.items()
+                if source == "./services/grafana/reader-login.sh"]
+    assert login["entrypoint"] == ["sh", script]
+    env = login["environment"]
+    assert env["PGHOST"] == "postgres"
+    assert env["PGPASSWORD"].startswith("${POSTGRES_PASSWORD")
+    assert env["PGUSER"] == services["postgres"]["environment"]["POSTGRES_USER"]
+
+
+def _dashboard_datasource_refs(node: Any) -> list[dict[str, Any]]:
+    """Every `datasource` object anywhere in a dashboard (panels, targets, variables)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource" and isinstance(value, dict):
+                found.append(value)
+            found.extend(_dashboard_datasource_refs(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_dashboard_datasource_refs(item))
+    return found
+
+
+def test_dashboards_are_valid_and_refer_only_to_the_provisioned_data_source() -> None:
+    source = _datasource()
+    uids = set()
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        # Grafana's v1 dashboard model; 36+ have data source references as {type, uid}.
+        assert isinstance(board["schemaVersion"], int) and 36 <= board["schemaVersion"] <= 42
+        assert board["uid"] and board["uid"] not in uids and len(board["uid"]) <= 40
+        uids.add(board["uid"])
+        assert board["title"] and board["time"]["to"] == "now"
+        refs = _dashboard_datasource_refs(board)
+        assert refs, path.name
+        for ref in refs:
+            assert ref == {"type": source["type"], "uid": source["uid"]}, (path.name, ref)
+        panel_ids = [panel["id"] for panel in board["panels"]]
+        assert len(panel_ids) == len(set(panel_ids)), f"{path.name}: panel ids repeat"
+        for panel in board["panels"]:
+            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+            assert panel["targets"] and panel.get("description"), panel["title"]
+            grid = panel["gridPos"]
+            assert grid["x"] + grid["w"] <= 24, panel["title"]
+            if panel.get("repeat"):
+                names = [v["name"] for v in board["templating"]["list"]]
+                assert panel["repeat"] in names, panel["title"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
-from host_agent.sync.postgres.schema import apply_schema
+from host_agent.sync.postgres.schema import apply_schema, schema_files
 
 
 def file_event(i: int, *, now: int | None = None, **overrides: Any) -> dict[str, Any]:
@@ -116,3 +117,16 @@ async def apply_schema_to(url: str) -> None:
         await apply_schema(conn)
     finally:
         await conn.close()
+
+
+def packaged_schema_versions() -> list[int]:
+    """The schema versions the packaged SQL files record, in order: what `init-db` leaves in
+    `schema_version` (files and versions need not line up one to one)."""
+    return sorted(
+        int(version)
+        for path in schema_files()
+        for version in re.findall(
+            r"INSERT INTO schema_version \(version, description\)\s+VALUES \((\d+),",
+            path.read_text(encoding="utf-8"),
+        )
+    )
