@@ -23,6 +23,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -816,6 +817,56 @@ def test_two_concurrent_sync_once_count_each_row_once_in_sync_logs(
     assert sorted(printed) == sorted(synced), (printed, synced)
 
 
+# Each of two processes prepares the same new files (creates, sets WAL, migrates), both
+# starting on each file at the same instant: what two `sync --once` (or an agent and a
+# `sync --once`) do on a fresh data directory.
+_PREPARE_IN_STEP = """
+import sys, time
+from pathlib import Path
+from host_agent.store import DESKTOP_ACTIVITY
+from host_agent.store.migrations import prepare_file
+start, paths = float(sys.argv[1]), sys.argv[2:]
+failed = 0
+for i, path in enumerate(paths):
+    at = start + i * 0.05
+    time.sleep(max(0.0, at - time.time() - 0.005))
+    while time.time() < at:
+        pass  # the last few milliseconds spun: both processes leave within microseconds
+    try:
+        prepare_file(Path(path), DESKTOP_ACTIVITY)
+    except Exception as exc:
+        failed += 1
+        print(f"{path}: {type(exc).__name__}: {exc}", flush=True)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_two_processes_preparing_the_same_new_local_file_at_once_both_succeed(
+    tmp_path: Path,
+) -> None:
+    """Found while running the test above under load: the one of two processes that loses
+    the race to put a new file in WAL mode was told at once that the file "is locked by
+    another process" (exit 11), although the other holds it for milliseconds. A regression
+    of the rework (prepare_file now inspects an existing file read-only first): the code
+    before it passes this test."""
+    paths = [str(tmp_path / f"race-{i}.db") for i in range(20)]
+    start = time.time() + 2  # once both interpreters have started and imported
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE_IN_STEP, str(start), *paths],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    for path in paths:
+        tables = local_query(Path(path), "SELECT name FROM sqlite_master WHERE type = 'table'")
+        assert ("desktop_activity_sessions",) in tables, path
+
+
 # --- 7. a server that does not answer, stalls mid-COPY, or is slow ------------------------------
 
 
@@ -857,7 +908,8 @@ def test_a_copy_stalled_mid_batch_is_dropped_and_shipped_again(
             via(proxy, shared.url),
             data_sync_batch_size=STALL_ROWS,
             data_sync_command_timeout_seconds=2,
-            data_sync_max_retries=2,
+            # `dropped` resets the retry's connection too: it needs a second retry.
+            data_sync_max_retries=1 if ending == "never" else 2,
         )
         bulk_file_events(agent.files_db, STALL_ROWS)
         # asyncpg sends COPY data in messages of 512 kB, and the server inserts a message's
