@@ -846,7 +846,9 @@ def test_two_processes_preparing_the_same_new_local_file_at_once_both_succeed(
 ) -> None:
     """Found while running the test above under load: the one of two processes that loses
     the race to put a new file in WAL mode was told at once that the file "is locked by
-    another process" (exit 11), although the other holds it for milliseconds."""
+    another process" (exit 11), although the other holds it for milliseconds. A regression
+    of the rework (prepare_file now inspects an existing file read-only first): the code
+    before it passes this test."""
     paths = [str(tmp_path / f"race-{i}.db") for i in range(20)]
     start = time.time() + 2  # once both interpreters have started and imported
     procs = [
