@@ -24,7 +24,7 @@ from host_agent.errors import (
     ConfigError,
     HostAgentError,
 )
-from host_agent.logging import configure_logging, redact, register_url
+from host_agent.logging import configure_logging, redact, register_secret, register_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="when database.postgres_url is unset, start a PostgreSQL cluster in DIR "
         "(created on first use) and run against it",
+    )
+    export = sub.add_parser(
+        "export", help="write the unsynced rows to a bundle file, to carry to the server"
+    )
+    export.add_argument(
+        "--out", required=True, type=Path, metavar="FILE",
+        help="the bundle to write (zstd when it ends in .zst, else JSON Lines)",
+    )  # fmt: skip
+    export.add_argument("--table", metavar="TABLE", help="only this table")
+    import_ = sub.add_parser(
+        "import", help="apply bundles to PostgreSQL and write a receipt next to each"
+    )
+    import_.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    ack = sub.add_parser("ack", help="mark synced what a bundle's receipt says the server took")
+    ack.add_argument("receipt", type=Path, metavar="RECEIPT")
+    sub.add_parser(
+        "gateway", help="serve the HTTPS ingest API for hosts without database credentials"
     )
     admin = sub.add_parser(
         "admin", help="server administration: per-host logins, partitions (administrator URL)"
@@ -208,6 +225,55 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     return run_main(config, args.local_postgres)
 
 
+def _export(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.export import export
+
+    report = export(config, args.out, args.table)
+    if report.path is None:
+        print("nothing to export: every row is synced (or quarantined)")
+    for table in report.tables:
+        if table.rows and table.span is not None:
+            print(
+                f"{table.table}: {table.rows} row(s), ids {table.span.first_id}.."
+                f"{table.span.last_id}, store {table.store_id}"
+            )
+        if table.refused:
+            print(f"{table.table}: {len(table.refused)} row(s) quarantined (text not UTF-8)")
+    if report.path is not None:
+        print(f"wrote bundle {report.bundle_id} to {report.path}")
+    return 0
+
+
+def _import(args: argparse.Namespace, config: AgentConfig) -> int:
+    import asyncio
+
+    from host_agent.commands.import_bundles import import_bundles
+
+    for done in asyncio.run(import_bundles(config, args.files)):
+        receipt = done.receipt
+        state = "already imported" if receipt.already_imported else "imported"
+        print(
+            f"{done.path}: {state} (bundle {receipt.bundle_id}, host "
+            f"{receipt.host_identifier}): {receipt.written} row(s) written, "
+            f"{receipt.rejected} refused; receipt {done.receipt_path}"
+        )
+    return 0
+
+
+def _ack(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.ack import ack
+
+    for table in ack(config, args.receipt):
+        print(f"{table.table}: {table.marked} row(s) marked synced, {table.rejected} quarantined")
+    return 0
+
+
+def _gateway(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.gateway import main as gateway_main
+
+    return gateway_main(config)
+
+
 def _admin(args: argparse.Namespace, config: AgentConfig) -> int:
     import asyncio
 
@@ -253,6 +319,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
     "status": _status,
     "stats": _stats,
     "run": _run,
+    "export": _export,
+    "import": _import,
+    "ack": _ack,
+    "gateway": _gateway,
     "admin": _admin,
     "local-postgres": _local_postgres,
 }
@@ -279,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         register_url(config.postgres_url)
+        register_url(config.admin_url)
+        register_secret(config.gateway_token)
         configure_logging(
             args.log_level or config.logging.level, args.log_format or config.logging.format
         )

@@ -17,9 +17,18 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from host_agent.errors import ConfigError
 from host_agent.urls import check_postgres_url
@@ -30,7 +39,7 @@ ENV_CONFIG_PATH = "HOST_AGENT_CONFIG"
 # HOST_AGENT_* variables that are not configuration keys: the config file's path, the
 # PostgreSQL binaries for the embedded server (host_agent.embedded).
 NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, "HOST_AGENT_PG_BIN"})
-SECRET_KEYS = frozenset({"database.postgres_url", "database.admin_url"})
+SECRET_KEYS = frozenset({"database.postgres_url", "database.admin_url", "gateway.token"})
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -151,6 +160,53 @@ class FilesystemCollectorConfig(_Section):
         return [root.expanduser() for root in value]
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class GatewayConfig(_Section):
+    # The agent's side: send rows to a gateway instead of PostgreSQL.
+    url: str | None = None
+    token: SecretStr | None = None
+    ca_file: Path | None = None
+    # The gateway's side (`host-agent gateway`).
+    listen_address: str = "127.0.0.1"
+    listen_port: int = Field(8443, ge=0, le=65535)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    pool_size: int = Field(4, ge=1, le=1000)
+    max_body_mb: float = Field(64, gt=0, le=4096)
+    acquire_timeout_seconds: float = Field(5, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an https:// URL of a host-agent gateway")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("plain http is for a gateway on this machine only: use https://")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> GatewayConfig:
+        if not _is_loopback(self.listen_address) and not (
+            self.tls_cert_file and self.tls_key_file
+        ):
+            raise ValueError(
+                "tls_cert_file and tls_key_file are needed to listen beyond loopback "
+                f"({self.listen_address})"
+            )
+        if self.url and not self.token:
+            raise ValueError("gateway.token is needed with gateway.url")
+        return self
+
+
 class CollectorsConfig(_Section):
     desktop: DesktopCollectorConfig = Field(default_factory=DesktopCollectorConfig)
     filesystem: FilesystemCollectorConfig = Field(default_factory=FilesystemCollectorConfig)
@@ -163,6 +219,7 @@ class AgentConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     collectors: CollectorsConfig = Field(default_factory=CollectorsConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
     @field_validator("host_identifier")
     @classmethod
@@ -180,6 +237,11 @@ class AgentConfig(_Section):
     def postgres_url(self) -> str | None:
         url = self.database.postgres_url
         return url.get_secret_value() if url is not None else None
+
+    @property
+    def gateway_token(self) -> str | None:
+        token = self.gateway.token
+        return token.get_secret_value() if token is not None else None
 
     @property
     def admin_url(self) -> str | None:

@@ -104,6 +104,11 @@ class SinkUnavailable(SinkError):
     retryable = True
     exit_code = 3
 
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        # How long the other end asked us to wait (a gateway's Retry-After), if it said.
+        self.retry_after = retry_after
+
 
 class SinkReadOnly(SinkUnavailable):
     pass

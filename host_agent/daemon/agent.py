@@ -96,7 +96,7 @@ class Agent:
             "ready": self.started.is_set(),
             "pid": os.getpid(),
             "started_at": iso(self.started_at),
-            "server": redact_url(url) if url else None,
+            "server": self.config.gateway.url or (redact_url(url) if url else None),
             "sync_enabled": loop is not None,
             "last_successful_sync": iso(loop.last_success_at) if loop else None,
             "consecutive_failures": loop.consecutive_failures if loop else 0,

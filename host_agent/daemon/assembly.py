@@ -15,16 +15,18 @@ from pathlib import Path
 from host_agent.collectors.base import Collector
 from host_agent.config import AgentConfig
 from host_agent.errors import ConfigError
-from host_agent.logging import register_url
+from host_agent.logging import register_secret, register_url
 from host_agent.retry import RetryPolicy
 from host_agent.store.migrations import prepare_file
 from host_agent.store.queue import WriteQueue
 from host_agent.store.retention import SizeLimit
 from host_agent.store.tables import DESKTOP_ACTIVITY, FILE_CHANGES, TABLES, LocalTable
 from host_agent.sync.engine import SyncEngine
+from host_agent.sync.gateway_client import GatewayTransport
 from host_agent.sync.loop import SyncLoop
 from host_agent.sync.postgres.sink import PostgresSink
 from host_agent.sync.source import LocalSource
+from host_agent.sync.transport import Transport
 
 # `sync --once` gives up sooner than the daemon, which has all the time in the world.
 ONCE_RETRY_POLICY = RetryPolicy(base=0.5, cap=2.0)
@@ -58,6 +60,24 @@ def require_url(config: AgentConfig) -> str:
         )
     register_url(url)
     return url
+
+
+def make_transport(config: AgentConfig) -> Transport:
+    """Where sync runs send rows: the gateway when `gateway.url` is set, else PostgreSQL."""
+    gateway = config.gateway
+    token = config.gateway_token
+    if gateway.url and token:
+        register_secret(token)
+        sync = config.data_sync
+        return GatewayTransport(
+            gateway.url,
+            token,
+            config.host,
+            ca_file=str(gateway.ca_file) if gateway.ca_file else None,
+            connect_timeout=sync.connect_timeout_seconds,
+            command_timeout=sync.command_timeout_seconds,
+        )
+    return make_sink(config)
 
 
 def make_sink(config: AgentConfig) -> PostgresSink:
@@ -96,11 +116,11 @@ async def open_sync(config: AgentConfig, *, once: bool) -> AsyncIterator[SyncEng
             stack.push_async_callback(source.close)
             await source.open()
             sources.append(source)
-        sink = make_sink(config)
-        stack.push_async_callback(sink.close)
+        transport = make_transport(config)
+        stack.push_async_callback(transport.close)
         yield SyncEngine(
             sources,
-            sink,
+            transport,
             batch_size=sync.batch_size,
             batch_max_bytes=sync.batch_max_bytes,
             quick_retries=sync.max_retries,

@@ -213,7 +213,10 @@ Source = bytes | Path
 
 def _open(source: Source) -> BinaryIO:
     """The bundle's plain bytes as a stream, decompressing zstd on the fly."""
-    raw: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    try:
+        raw: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as exc:
+        raise BundleRefused(f"cannot read {source!s}: {exc.strerror or exc}") from None
     magic = raw.read(4)
     raw.seek(0)
     if magic != ZSTD_MAGIC:

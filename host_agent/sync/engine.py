@@ -11,7 +11,8 @@ Faults, and what a run does about them:
   (`Attempts`: `quick_retries` failures in a row, waits from the retry policy, and for
   `sync --once` a deadline that progress pushes back); past it the table fails with the
   real cause;
-- the server refuses rows: they are quarantined and the rest flows on (the sink isolates them);
+- the server refuses rows: they are quarantined and the rest flows on (the transport isolates
+  them);
 - the local file is locked, full or failing: that table's run fails saying so, the others go
   on; a run entry that cannot be journalled is held in memory and written later (to the file
   once it takes writes again, or straight to `sync_logs`).
@@ -32,10 +33,9 @@ from host_agent.errors import HostAgentError, SinkError, StoreError
 from host_agent.logging import redact
 from host_agent.retry import RetryPolicy
 from host_agent.store.journal import Outcome
-from host_agent.sync.postgres.plan import TablePlan
-from host_agent.sync.postgres.sink import PostgresSink
 from host_agent.sync.records import ReadBatch, Rejection, RunRecord
 from host_agent.sync.source import LocalSource
+from host_agent.sync.transport import Route, Transport
 
 T = TypeVar("T")
 LOGGED_REJECTIONS_PER_BATCH = 10
@@ -120,7 +120,7 @@ class SyncReport:
 @dataclass(frozen=True)
 class Prepared:
     batch: ReadBatch
-    records: list[tuple[Any, ...]]
+    payload: Any  # what the transport sends for it (records, a bundle)
     refused: list[Rejection]
 
 
@@ -177,7 +177,7 @@ async def finish_even_if_cancelled(awaitable: Awaitable[T]) -> T:
 
 
 class SyncEngine:
-    """Runs sync passes. The caller owns the sources and the sink and closes them.
+    """Runs sync passes. The caller owns the sources and the transport and closes them.
 
     `deadline_seconds` bounds how long a run keeps trying to reach a server that does not
     answer (None: only `quick_retries` bounds it)."""
@@ -185,7 +185,7 @@ class SyncEngine:
     def __init__(
         self,
         sources: Sequence[LocalSource],
-        sink: PostgresSink,
+        transport: Transport,
         *,
         batch_size: int,
         batch_max_bytes: int = 16 * 2**20,
@@ -195,14 +195,14 @@ class SyncEngine:
         log: Any = None,
     ) -> None:
         self.sources = list(sources)
-        self.sink = sink
+        self.transport = transport
         self.batch_size = batch_size
         self.batch_max_bytes = batch_max_bytes
         self.quick_retries = quick_retries
         self.retry_policy = retry_policy
         self.deadline_seconds = deadline_seconds
         self.log = log or structlog.get_logger("host_agent.sync")
-        self._plans: dict[str, TablePlan] = {}
+        self._routes: dict[str, Route] = {}
         self._held: dict[str, list[tuple[RunRecord, Outcome]]] = {}
 
     # -- reaching the server ---------------------------------------------------------------
@@ -212,7 +212,7 @@ class SyncEngine:
 
     async def _connect(self, attempts: Attempts) -> None:
         left = attempts.remaining()
-        await self.sink.open(connect_timeout=left)
+        await self.transport.open(connect_timeout=left)
 
     async def _retry(self, attempts: Attempts, exc: HostAgentError, where: str) -> bool:
         """After `exc`: wait and return True when another try is allowed."""
@@ -221,6 +221,12 @@ class SyncEngine:
         wait = attempts.next_wait()
         if wait is None:
             return False
+        asked = getattr(exc, "retry_after", None)
+        if asked is not None:  # the other end said how long: honour it within the budget
+            left = attempts.remaining()
+            if left is not None and asked >= left:
+                return False
+            wait = max(wait, asked)
         self.log.warning(
             "sync.retrying",
             where=where,
@@ -251,7 +257,7 @@ class SyncEngine:
         """One run over every table. Never raises a HostAgentError: it is in the report."""
         started = time.time()
         attempts = self._attempts()
-        self._plans.clear()  # the server's tables may have changed since the last run
+        self._routes.clear()  # the server's tables may have changed since the last run
         try:
             await self._with_retries(attempts, "connect", _connected)
         except SinkError as exc:
@@ -307,14 +313,14 @@ class SyncEngine:
             await source.finish_run(*held[0])
             held.pop(0)
 
-    async def _plan(self, source: LocalSource) -> TablePlan:
-        plan = self._plans.get(source.table.name)
-        if plan is None:
-            plan = await self.sink.plan(
+    async def _route(self, source: LocalSource) -> Route:
+        route = self._routes.get(source.table.name)
+        if route is None:
+            route = await self.transport.route(
                 source.table.name, source.store_id, await source.columns()
             )
-            self._plans[source.table.name] = plan
-        return plan
+            self._routes[source.table.name] = route
+        return route
 
     async def _sync_table(
         self, source: LocalSource, stop: asyncio.Event | None, attempts: Attempts
@@ -355,20 +361,20 @@ class SyncEngine:
         server commit; at most one marking is in flight and it is always awaited, even when
         this coroutine is cancelled or the connection fails.
         """
-        plan = await self._plan(source)
+        route = await self._route(source)
         ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
 
         async def produce() -> None:
             after = cursor
             while True:
                 batch = await source.read_batch(
-                    plan.local_columns, after, self.batch_size, self.batch_max_bytes
+                    route.local_columns, after, self.batch_size, self.batch_max_bytes
                 )
                 if batch is None:
                     await ready.put(None)
                     return
-                records, refused = plan.prepare(batch.rows)
-                await ready.put(Prepared(batch, records, refused))
+                payload, refused = route.prepare(batch.rows)
+                await ready.put(Prepared(batch, payload, refused))
                 after = batch.span.last_id
 
         producer = asyncio.ensure_future(produce())
@@ -387,7 +393,7 @@ class SyncEngine:
                     result.interrupted = True
                     break
                 refused_before = [*item.batch.undecodable, *item.refused]
-                outcome = await self.sink.write_records(plan, item.records, refused_before)
+                outcome = await self.transport.write(route, item.payload, refused_before)
                 attempts.progressed()
                 result.synced += outcome.written
                 result.failed += len(outcome.rejected)
@@ -435,21 +441,21 @@ class SyncEngine:
                     await self._write_held(source)
                 except StoreError:
                     # The file still refuses: the server takes them directly.
-                    await self.sink.write_sync_logs([run for run, _ in held], source.store_id)
+                    await self.transport.write_sync_logs([run for run, _ in held], source.store_id)
                     written += len(held)
                     held.clear()
             while True:
                 pending = await source.pending_runs()
                 if not pending:
                     break
-                await self.sink.write_sync_logs([run for _, run in pending], source.store_id)
+                await self.transport.write_sync_logs([run for _, run in pending], source.store_id)
                 await source.forget_runs(pending[-1][0])
                 written += len(pending)
         return written
 
     async def release(self) -> None:
         """Drop the server connection until the next run needs one."""
-        await self.sink.disconnect()
+        await self.transport.disconnect()
 
     async def release_rejected(self) -> int:
         return sum([await source.release_rejected() for source in self.sources])

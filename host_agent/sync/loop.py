@@ -133,6 +133,9 @@ class SyncLoop:
         else:
             self.consecutive_failures += 1
             delay = self.backoff.delay(self.consecutive_failures)
+            asked = getattr(error, "retry_after", None)
+            if asked is not None:  # a gateway's Retry-After: never come back sooner
+                delay = max(delay, float(asked))
         self.next_attempt_at = now + delay
         if error is None and self._wake.is_set():  # rows arrived during the run
             self.next_attempt_at = min(self.next_attempt_at, now + self.wake_delay)

@@ -1,18 +1,9 @@
 """PostgresSink: one asyncpg connection that writes batches idempotently and isolates bad rows.
 
-A batch is written in one transaction. Rows never shipped before (`row_version` 0) go in by
-binary COPY straight into the table, the fastest path PostgreSQL has; if one of them is already
-there (a retry after a crash between the server's commit and the local marking, or another
-run that shipped it first), the COPY is rolled back to its savepoint and the rows go through
-the upsert instead. Changed rows always take the upsert: COPY into a temporary staging table,
-then `INSERT .. ON CONFLICT (identity) DO UPDATE .. WHERE row_version is older`, so a stale
-copy never overwrites a newer one. `WriteOutcome.written` counts the rows this transaction
-inserted or updated: a row the server already held at that version is not counted again.
-
-When the server refuses the data of a batch (SQLSTATE classes 22 and 23, or a value asyncpg
-cannot encode), the batch is split in halves, each under its own savepoint, until the refused
-rows are alone; the rest is written. Connection-level failures are translated to `SinkError`s
-and abandon the whole transaction: nothing half-written is ever committed.
+A batch is written in one transaction through `writes.write_batch` (COPY for new rows, a
+newest-wins upsert for the rest, refused rows isolated under savepoints; see that module).
+Connection-level failures are translated to `SinkError`s and abandon the whole transaction:
+nothing half-written is ever committed.
 
 The connection is held only while working: `disconnect()` after a run releases it (a fleet of
 idle agents holds no server connection), the next operation reconnects. Named prepared
@@ -29,59 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
 from host_agent.sync.postgres.connect import close_quietly, connect
-from host_agent.sync.postgres.errors import (
-    is_partition_moved,
-    is_row_error,
-    row_error_message,
-    translate,
-)
+from host_agent.sync.postgres.errors import translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan
 from host_agent.sync.postgres.schema import apply_schema, check_host, check_schema, read_table
+from host_agent.sync.postgres.writes import Progress, write_batch, write_sync_logs
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
-
-_PROGRESS_EVERY = 256  # records pulled into a COPY between progress stamps
-# A COPY is bounded by its progress (`_watched`), not its length: asyncpg would otherwise apply
-# command_timeout to the whole COPY, failing every try of a batch a slow link takes longer
-# than that to carry.
-_COPY_TOTAL_TIMEOUT = 7 * 24 * 3600.0
-
-
-def _ts(epoch: float | None) -> datetime | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
-
-
-def _count(status: str) -> int:
-    """Rows affected, from a command status such as "INSERT 0 12"."""
-    tail = status.rsplit(" ", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-class _Progress:
-    """When the current operation last moved."""
-
-    def __init__(self) -> None:
-        self.at = time.monotonic()
-        self.stalled = False
-
-    def touch(self) -> None:
-        self.at = time.monotonic()
-
-    def feed(self, records: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
-        # Every record, not every n-th: with rows of a megabyte a batch is a few records,
-        # and a slow link takes seconds for each (a clock read is cheap next to encoding).
-        for record in records:
-            self.touch()
-            yield record
-        self.touch()
 
 
 class PostgresSink:
@@ -145,11 +95,11 @@ class PostgresSink:
             raise translate(exc) from None
 
     @contextlib.asynccontextmanager
-    async def _watched(self, conn: asyncpg.Connection) -> AsyncIterator[_Progress]:
+    async def _watched(self, conn: asyncpg.Connection) -> AsyncIterator[Progress]:
         """Drop `conn` when the work inside makes no progress for command_timeout seconds,
         and interrupt that work: asyncpg does not wake a COPY that waits for its socket to
         drain when the connection is dropped under it, so dropping alone can hang forever."""
-        progress = _Progress()
+        progress = Progress()
         limit = self._command_timeout
         worker = asyncio.current_task()
         assert worker is not None
@@ -208,14 +158,15 @@ class PostgresSink:
         async with self._guard(drop=False):
             return await apply_schema(self._connection())
 
-    async def plan(self, table: str, store_id: str, local_columns: Sequence[str]) -> TablePlan:
+    async def route(self, table: str, store_id: str, local_columns: Sequence[str]) -> TablePlan:
+        """The table plan (a `Route`): the server's columns matched to the local ones."""
         async with self._guard():
             conn = self._connection()
             async with conn.transaction(readonly=True):
                 shape = await read_table(conn, table)
         return build_plan(table, self.host, store_id, shape, local_columns)
 
-    async def write_records(
+    async def write(
         self,
         plan: TablePlan,
         records: list[tuple[Any, ...]],
@@ -232,145 +183,21 @@ class PostgresSink:
         async with self._guard():
             conn = self._connection()
             async with self._watched(conn) as progress, conn.transaction():
-                written, refused = await self._write_isolating(conn, plan, records, progress)
+                written, refused = await write_batch(
+                    conn, plan, records, progress, command_timeout=self._command_timeout
+                )
         sid, ver = plan.source_id_index, plan.version_index
         outcome.rejected.extend(Rejection(r[sid], r[ver], reason) for r, reason in refused)
         outcome.written = written
         return outcome
 
-    async def _write_isolating(
-        self,
-        conn: asyncpg.Connection,
-        plan: TablePlan,
-        records: list[tuple[Any, ...]],
-        progress: _Progress,
-        *,
-        again_if_moved: bool = True,
-    ) -> tuple[int, list[tuple[tuple[Any, ...], str]]]:
-        try:
-            async with conn.transaction():
-                return await self._write_records(conn, plan, records, progress), []
-        except Exception as exc:
-            if not is_row_error(exc):
-                raise
-            if again_if_moved and is_partition_moved(exc):
-                # `admin maintain` attached a month's partition under this statement: the same
-                # rows, sent once more, go to it (not a bad row, never quarantined for this).
-                return await self._write_isolating(
-                    conn, plan, records, progress, again_if_moved=False
-                )
-            if len(records) == 1:
-                reason = None
-                if not isinstance(exc, asyncpg.PostgresError):
-                    reason = plan.diagnose(records[0])
-                return 0, [(records[0], reason or row_error_message(exc))]
-        middle = len(records) // 2
-        left, left_refused = await self._write_isolating(
-            conn, plan, records[:middle], progress, again_if_moved=again_if_moved
-        )
-        right, right_refused = await self._write_isolating(
-            conn, plan, records[middle:], progress, again_if_moved=again_if_moved
-        )
-        return left + right, left_refused + right_refused
-
-    async def _write_records(
-        self,
-        conn: asyncpg.Connection,
-        plan: TablePlan,
-        records: list[tuple[Any, ...]],
-        progress: _Progress,
-    ) -> int:
-        version = plan.version_index
-        if not plan.copy_allowed:  # row level security: every row takes the upsert
-            return await self._upsert(conn, plan, records, progress)
-        fresh = [r for r in records if r[version] == 0]
-        changed = [r for r in records if r[version] != 0] if len(fresh) != len(records) else []
-        written = 0
-        if fresh:
-            try:
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        plan.table,
-                        records=progress.feed(fresh),
-                        columns=plan.pg_columns,
-                        timeout=_COPY_TOTAL_TIMEOUT,
-                    )
-                written += len(fresh)
-            except asyncpg.UniqueViolationError:
-                changed = fresh + changed
-            progress.touch()
-        if changed:
-            written += await self._upsert(conn, plan, changed, progress)
-        return written
-
-    async def _upsert(
-        self,
-        conn: asyncpg.Connection,
-        plan: TablePlan,
-        records: list[tuple[Any, ...]],
-        progress: _Progress,
-    ) -> int:
-        stage = f"host_agent_stage_{plan.table}"
-        columns = ", ".join(plan.pg_columns)
-        updates = ", ".join(
-            f"{c} = EXCLUDED.{c}" for c in plan.pg_columns if c not in plan.identity
-        )
-        await conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
-            f"(LIKE {plan.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
-        await conn.execute(f"TRUNCATE {stage}")
-        await conn.copy_records_to_table(
-            stage,
-            records=progress.feed(records),
-            columns=plan.pg_columns,
-            timeout=_COPY_TOTAL_TIMEOUT,
-        )
-        status = await conn.execute(
-            f"INSERT INTO {plan.table} AS target ({columns}) SELECT {columns} FROM {stage} "
-            f"ON CONFLICT ({', '.join(plan.identity)}) DO UPDATE SET {updates}, "
-            "synced_at = CURRENT_TIMESTAMP "
-            "WHERE target.row_version < EXCLUDED.row_version",
-            timeout=self._command_timeout,
-        )
-        progress.touch()
-        return _count(status)
-
     async def write_sync_logs(self, runs: Sequence[RunRecord], store_id: str) -> None:
-        """Append runs (of one store) to sync_logs. Idempotent: a run already there (same
-        host, store, table and start time) is not added again, so a retry after a lost
-        acknowledgement is harmless."""
+        """Append runs (of one store) to sync_logs, idempotently (`writes.write_sync_logs`)."""
         if not runs:
             return
-        store = uuid.UUID(store_id)
-        args = [
-            (
-                _ts(run.started_at),
-                _ts(run.completed_at),
-                run.table_name,
-                run.records_synced,
-                run.records_failed,
-                run.status,
-                run.error_message,
-                self.host,
-                store,
-            )
-            for run in runs
-        ]
         async with self._guard():
             conn = self._connection()
             async with conn.transaction():
-                await conn.executemany(
-                    """
-                    INSERT INTO sync_logs (sync_started_at, sync_completed_at, table_name,
-                                           records_synced, records_failed, status,
-                                           error_message, host_identifier, store_id)
-                    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-                     WHERE NOT EXISTS (SELECT 1 FROM sync_logs
-                                        WHERE host_identifier = $8 AND table_name = $3
-                                          AND sync_started_at = $1
-                                          AND store_id IS NOT DISTINCT FROM $9)
-                    """,
-                    args,
-                    timeout=self._command_timeout,
+                await write_sync_logs(
+                    conn, self.host, store_id, runs, command_timeout=self._command_timeout
                 )
