@@ -231,3 +231,26 @@ def test_dashboards_are_valid_and_refer_only_to_the_provisioned_data_source() ->
             if panel.get("repeat"):
                 names = [v["name"] for v in board["templating"]["list"]]
                 assert panel["repeat"] in names, panel["title"]
+
+
+def test_gateway_service_serves_tls_on_loopback_with_a_dev_certificate() -> None:
+    services = compose()["services"]
+    gateway = services["gateway"]
+    assert gateway["build"] == "."
+    assert gateway["command"] == ["host-agent", "gateway"]
+    assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert gateway["depends_on"]["gateway-dev-cert"]["condition"] == (
+        "service_completed_successfully"
+    )
+    env = gateway["environment"]
+    known = {env_name(k) for k in all_keys()} | {ENV_CONFIG_PATH}
+    for name in env:
+        if name.startswith("HOST_AGENT_"):
+            assert name in known, f"{name} is not a configuration key"
+    # Listening beyond loopback inside its container needs TLS: the config check demands it.
+    assert env["HOST_AGENT_GATEWAY_LISTEN_ADDRESS"] == "0.0.0.0"
+    assert env["HOST_AGENT_GATEWAY_TLS_CERT_FILE"] and env["HOST_AGENT_GATEWAY_TLS_KEY_FILE"]
+    assert all(port.startswith("127.0.0.1:") for port in gateway["ports"])
+    cert_volume = next(v for v in gateway["volumes"] if v.endswith(":/certs:ro"))
+    made_by = services["gateway-dev-cert"]["volumes"][0]
+    assert made_by.split(":")[0] == cert_volume.split(":")[0]

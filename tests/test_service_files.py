@@ -41,3 +41,11 @@ def test_the_maintenance_timer_runs_admin_maintain_daily() -> None:
     assert timer["Timer"]["OnCalendar"] == "daily"
     assert timer["Timer"]["Persistent"] == "true"
     assert timer["Install"]["WantedBy"] == "timers.target"
+
+
+def test_the_gateway_unit_runs_the_gateway_with_readiness() -> None:
+    service = _read(CONFIG / "host-agent-gateway.service")["Service"]
+    assert service["Type"] == "notify"  # serve() sends READY=1 once it listens
+    assert service["ExecStart"].endswith("host-agent gateway")
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["RestartPreventExitStatus"].split() == ["2"]

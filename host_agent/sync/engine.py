@@ -218,15 +218,13 @@ class SyncEngine:
         """After `exc`: wait and return True when another try is allowed."""
         if not exc.retryable:
             return False
+        if getattr(exc, "retry_after", None) is not None:
+            # The other end asked us to come back later (a busy gateway): not a blip to retry
+            # at once but the end of this run; the loop waits at least that long.
+            return False
         wait = attempts.next_wait()
         if wait is None:
             return False
-        asked = getattr(exc, "retry_after", None)
-        if asked is not None:  # the other end said how long: honour it within the budget
-            left = attempts.remaining()
-            if left is not None and asked >= left:
-                return False
-            wait = max(wait, asked)
         self.log.warning(
             "sync.retrying",
             where=where,

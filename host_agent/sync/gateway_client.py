@@ -140,14 +140,12 @@ class GatewayTransport:
                 raise self._refusal(response, text)
         except HostAgentError:
             raise
-        except ssl.SSLCertVerificationError as exc:
-            raise SinkAuthFailed(
-                f"the gateway's TLS certificate was not accepted: {exc.verify_message} "
-                "(check gateway.ca_file and the host name in gateway.url)"
-            ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
+            cause = exc.certificate_error
+            reason = getattr(cause, "verify_message", None) or str(cause)
             raise SinkAuthFailed(
-                f"the gateway's TLS certificate was not accepted: {exc.certificate_error}"
+                f"the gateway's TLS certificate was not accepted: {reason} "
+                "(check gateway.ca_file and the host name in gateway.url)"
             ) from None
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             self._checked = False
