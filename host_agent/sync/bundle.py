@@ -19,14 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
+import orjson
 import zstandard
 
 from host_agent import __version__
@@ -38,8 +38,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_LINE_BYTES = 64 * 2**20
 
 
-@dataclass(frozen=True)
-class BundleRow:
+class BundleRow(NamedTuple):
     table: str
     id: int
     row_version: int
@@ -123,18 +122,19 @@ def _decode_value(value: Any) -> Any:
 
 
 def _line(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    # orjson: the same compact UTF-8 JSON as the standard library's, several times faster
+    # (bundles are the gateway's hot path).
+    return orjson.dumps(obj) + b"\n"
+
+
+def values_line(table: str, row_id: int, version: int, values: dict[str, Any]) -> bytes:
+    if bytes in map(type, values.values()):  # rare (a non-UTF-8 path): only then rebuilt
+        values = {k: _encode_value(v) for k, v in values.items()}
+    return _line({"table": table, "id": row_id, "row_version": version, "values": values})
 
 
 def row_line(row: BundleRow) -> bytes:
-    return _line(
-        {
-            "table": row.table,
-            "id": row.id,
-            "row_version": row.row_version,
-            "values": {k: _encode_value(v) for k, v in row.values.items()},
-        }
-    )
+    return values_line(row.table, row.id, row.row_version, row.values)
 
 
 class BundleWriter:
@@ -182,14 +182,18 @@ def summarize(meta: BundleMeta, rows: Iterable[BundleRow], stores: Mapping[str, 
 
 def encode_bundle(meta: BundleMeta, rows: Sequence[BundleRow], *, compress: bool) -> bytes:
     """A whole bundle in memory (the gateway's unit: one batch)."""
-    out = io.BytesIO()
-    writer = BundleWriter(out, meta, compress=False)
-    for row in rows:
-        writer.write(row)
-    writer.finish()
-    data = out.getvalue()
+    return encode_lines(meta, [row_line(row) for row in rows], compress=compress)
+
+
+def encode_lines(meta: BundleMeta, lines: Sequence[bytes], *, compress: bool) -> bytes:
+    """A whole bundle from row lines already made (`values_line`)."""
+    head = _line({"__meta__": meta.as_json()})
+    body = b"".join(lines)
+    digest = hashlib.sha256(head)
+    digest.update(body)
+    data = head + body + _line({"__end__": {"rows": len(lines), "sha256": digest.hexdigest()}})
     # One frame that states its size: a truncated one cannot decompress at all.
-    return zstandard.ZstdCompressor(level=3).compress(data) if compress else data
+    return zstandard.ZstdCompressor(level=1).compress(data) if compress else data
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ def _lines(stream: BinaryIO) -> Iterator[bytes]:
 
 def _json(line: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(line)
+        obj = orjson.loads(line)
     except (ValueError, UnicodeDecodeError):
         raise BundleRefused(f"{what} is not JSON: the bundle is damaged") from None
     if not isinstance(obj, dict):
@@ -293,61 +297,111 @@ def _row(obj: dict[str, Any], number: int) -> BundleRow:
     except KeyError as exc:
         raise BundleRefused(f"line {number} lacks {exc}") from None
     if (
-        not isinstance(table, str)
-        or not isinstance(row_id, int)
-        or not isinstance(version, int)
-        or not isinstance(values, dict)
+        type(row_id) is not int  # exactly int: bool and float are not ids
+        or type(version) is not int
+        or type(values) is not dict
+        or type(table) is not str
     ):
         raise BundleRefused(f"line {number} is not a row")
+    kinds = set(map(type, values.values()))
+    if dict in kinds or list in kinds:  # bytes (or something that is not a value)
+        try:
+            values = {k: _decode_value(v) for k, v in values.items()}
+        except (ValueError, TypeError):
+            raise BundleRefused(f"line {number} holds bytes that are not base64") from None
+    return BundleRow(table, row_id, version, values)
+
+
+PARSE_CHUNK = 2000
+
+
+def _parse_rows(lines: list[bytes], first_number: int) -> list[dict[str, Any]]:
+    """Row lines parsed in one call (a JSON array of them), which costs a fraction of one
+    call per line; the line at fault is found again one by one when it fails."""
     try:
-        decoded = {k: _decode_value(v) for k, v in values.items()}
-    except (ValueError, TypeError):
-        raise BundleRefused(f"line {number} holds bytes that are not base64") from None
-    return BundleRow(table, row_id, version, decoded)
+        parsed = orjson.loads(b"[" + b",".join(lines) + b"]")
+    except (ValueError, UnicodeDecodeError):
+        for offset, line in enumerate(lines):
+            _json(line, f"line {first_number + offset}")
+        raise BundleRefused("the rows are not JSON: the bundle is damaged") from None
+    if not isinstance(parsed, list):
+        raise BundleRefused("the rows are not JSON objects")
+    for offset, obj in enumerate(parsed):
+        if not isinstance(obj, dict):
+            raise BundleRefused(f"line {first_number + offset} is not a JSON object")
+    return parsed
 
 
 def _walk(source: Source, keep: list[BundleRow] | None) -> BundleHead:
-    """Read the whole bundle, checking everything; keep the rows in `keep` if given."""
+    """Read the whole bundle, checking everything; keep the rows in `keep` if given. The
+    last line must be the end line; every line before it counts in the digest."""
     digest = hashlib.sha256()
     meta: BundleMeta | None = None
-    end: dict[str, Any] | None = None
-    seen: dict[str, TableSummary] = {}
     count = 0
+    chunk: list[bytes] = []
+    chunk_start = 2
+    last: bytes | None = None
+    number = 0
+
+    ids: dict[str, list[int]] = {}
+    versions: dict[str, list[int]] = {}
+
+    def take(lines: list[bytes], first: int) -> None:
+        nonlocal count
+        assert meta is not None
+        rows = [_row(obj, first + n) for n, obj in enumerate(_parse_rows(lines, first))]
+        for row in rows:
+            if row.table not in meta.tables:
+                raise BundleRefused(f"a row of {row.table}, which the header does not list")
+            if row.table not in ids:
+                ids[row.table], versions[row.table] = [], []
+            ids[row.table].append(row.id)
+            versions[row.table].append(row.row_version)
+        count += len(rows)
+        if keep is not None:
+            keep.extend(rows)
+
     with _open(source) as stream:
         for number, line in enumerate(_lines(stream), start=1):
-            if end is not None:
-                raise BundleRefused(
-                    f"line {number} follows the end line: the bundle was altered"
-                )
-            obj = _json(line, f"line {number}")
-            if "__end__" in obj:
-                end = obj["__end__"] if isinstance(obj["__end__"], dict) else {}
+            if last is None:
+                last = line
                 continue
-            digest.update(line)
+            # `last` is not the final line: it is the header or a row.
+            digest.update(last)
             if meta is None:
+                obj = _json(last, "line 1")
+                if "__end__" in obj:
+                    raise BundleRefused(f"line {number} follows the end line: altered")
                 meta = _meta(obj)
-                continue
-            row = _row(obj, number)
-            declared = meta.tables.get(row.table)
-            if declared is None:
-                raise BundleRefused(f"a row of {row.table}, which the header does not list")
-            seen.setdefault(
-                row.table, TableSummary(declared.store_id, declared.columns)
-            ).add(row.id, row.row_version)
-            count += 1
-            if keep is not None:
-                keep.append(row)
+            else:
+                chunk.append(last)
+                if len(chunk) >= PARSE_CHUNK:
+                    take(chunk, chunk_start)
+                    chunk_start += len(chunk)
+                    chunk = []
+            last = line
+    if last is None:
+        raise BundleRefused("no header: the bundle is empty, truncated, or not a bundle")
+    closing = _json(last, f"line {number}")
+    if "__end__" not in closing:
+        raise BundleRefused("the bundle has no end line: it is truncated")
+    end = closing["__end__"] if isinstance(closing["__end__"], dict) else {}
+    if chunk:
+        take(chunk, chunk_start)
     if meta is None:
         raise BundleRefused("no header: the bundle is empty, truncated, or not a bundle")
-    if end is None:
-        raise BundleRefused("the bundle has no end line: it is truncated")
     if end.get("sha256") != digest.hexdigest() or end.get("rows") != count:
         raise BundleRefused(
             "the SHA-256 or row count in the end line does not match the content: the bundle "
             "was altered, reordered or damaged"
         )
     for name, declared in meta.tables.items():
-        actual = seen.get(name, TableSummary(declared.store_id, declared.columns))
+        actual = TableSummary(declared.store_id, declared.columns)
+        if ids.get(name):
+            actual.rows = len(ids[name])
+            actual.first_id, actual.last_id = min(ids[name]), max(ids[name])
+            actual.min_row_version = min(versions[name])
+            actual.max_row_version = max(versions[name])
         if actual.as_json() != declared.as_json():
             raise BundleRefused(f"the rows of {name} do not match the header's counts and ranges")
     return BundleHead(meta, digest.hexdigest())

@@ -22,6 +22,8 @@ Faults, and what a run does about them:
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from host_agent.errors import HostAgentError, SinkError, StoreError
 from host_agent.logging import redact
 from host_agent.retry import RetryPolicy
 from host_agent.store.journal import Outcome
-from host_agent.sync.records import ReadBatch, Rejection, RunRecord
+from host_agent.sync.records import ReadBatch, Rejection, RunRecord, WriteOutcome
 from host_agent.sync.source import LocalSource
 from host_agent.sync.transport import Route, Transport
 
@@ -354,13 +356,18 @@ class SyncEngine:
         """Ship batches after `cursor`; return the last id handled. Raises SinkError or
         StoreError.
 
-        Three stages overlap: a producer reads and converts batch N+1 while batch N is on the
-        wire, and batch N-1 is marked in SQLite meanwhile. A batch is marked only after its
-        server commit; at most one marking is in flight and it is always awaited, even when
-        this coroutine is cancelled or the connection fails.
+        Three stages overlap: a producer reads and converts the next batches while earlier
+        ones are on the wire (up to the transport's `max_in_flight` at once: one on a
+        PostgreSQL connection, more to a gateway, which applies them on connections of its
+        own), and the last confirmed batch is marked in SQLite meanwhile. A batch is marked
+        only after its commit was confirmed; at most one marking is in flight and it is always
+        awaited, even when this coroutine is cancelled or the connection fails. When a write
+        fails, the others in flight are settled first (those confirmed are marked), then the
+        failure is raised: a retry reads again what is still unsynced.
         """
         route = await self._route(source)
-        ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=1)
+        window = max(1, int(getattr(self.transport, "max_in_flight", 1)))
+        ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=window)
 
         async def produce() -> None:
             after = cursor
@@ -377,6 +384,24 @@ class SyncEngine:
 
         producer = asyncio.ensure_future(produce())
         marking: asyncio.Future[None] | None = None
+        in_flight: collections.deque[tuple[Prepared, asyncio.Future[WriteOutcome]]] = (
+            collections.deque()
+        )
+
+        async def settle() -> None:
+            """Wait for the oldest write; count it and mark it once confirmed."""
+            nonlocal marking, cursor
+            item, writing = in_flight.popleft()
+            outcome = await writing
+            attempts.progressed()
+            result.synced += outcome.written
+            result.failed += len(outcome.rejected)
+            self._log_rejections(result.table, outcome.rejected)
+            if marking is not None:
+                await finish_even_if_cancelled(marking)
+            marking = asyncio.ensure_future(source.mark(item.batch, outcome.rejected))
+            cursor = item.batch.span.last_id
+
         try:
             while True:
                 getting = asyncio.ensure_future(ready.get())
@@ -391,16 +416,27 @@ class SyncEngine:
                     result.interrupted = True
                     break
                 refused_before = [*item.batch.undecodable, *item.refused]
-                outcome = await self.transport.write(route, item.payload, refused_before)
-                attempts.progressed()
-                result.synced += outcome.written
-                result.failed += len(outcome.rejected)
-                self._log_rejections(result.table, outcome.rejected)
-                if marking is not None:
-                    await finish_even_if_cancelled(marking)
-                marking = asyncio.ensure_future(source.mark(item.batch, outcome.rejected))
-                cursor = item.batch.span.last_id
+                in_flight.append(
+                    (item, asyncio.ensure_future(
+                        self.transport.write(route, item.payload, refused_before)
+                    ))
+                )  # fmt: skip
+                if len(in_flight) >= window:
+                    await settle()
+            while in_flight:
+                await settle()
+        except Exception:
+            # Settle what else is on the wire: a confirmed batch is marked, the rest is read
+            # again by the retry (a write whose answer is lost is re-sent, harmlessly). A
+            # cancellation (shutdown) settles nothing: the writes are cancelled below.
+            while in_flight:
+                with contextlib.suppress(Exception):
+                    await settle()
+            raise
         finally:
+            for _, writing in in_flight:
+                writing.cancel()
+            await asyncio.gather(*(w for _, w in in_flight), return_exceptions=True)
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
             if marking is not None:

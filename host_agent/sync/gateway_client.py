@@ -33,7 +33,7 @@ from host_agent.errors import (
     SinkError,
     SinkUnavailable,
 )
-from host_agent.sync.bundle import BundleRow, TableSummary, encode_bundle, new_meta
+from host_agent.sync.bundle import TableSummary, encode_lines, new_meta, values_line
 from host_agent.sync.records import LocalRow, Rejection, RunRecord, WriteOutcome
 
 BUNDLE_TYPE = "application/vnd.host-agent.bundle+zstd"
@@ -52,15 +52,20 @@ class GatewayRoute:
 
     def prepare(self, rows: Sequence[LocalRow]) -> tuple[bytes, list[Rejection]]:
         meta = new_meta(self.host)
-        summary = TableSummary(self.store_id, list(self.local_columns))
-        bundle_rows = []
-        width = len(self.local_columns)
-        for row in rows:
-            values = dict(zip(self.local_columns, row[2 : 2 + width], strict=True))
-            bundle_rows.append(BundleRow(self.table, int(row[0]), int(row[1]), values))
-            summary.add(int(row[0]), int(row[1]))
-        meta.tables[self.table] = summary
-        return encode_bundle(meta, bundle_rows, compress=True), []
+        columns, table = self.local_columns, self.table
+        end = 2 + len(columns)
+        lines = [
+            values_line(table, r[0], r[1], dict(zip(columns, r[2:end], strict=True)))
+            for r in rows
+        ]
+        if rows:
+            ids = [r[0] for r in rows]
+            versions = [r[1] for r in rows]
+            meta.tables[table] = TableSummary(
+                self.store_id, list(columns), len(rows), min(ids), max(ids),
+                min(versions), max(versions),
+            )  # fmt: skip
+        return encode_lines(meta, lines, compress=True), []
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:
@@ -73,7 +78,11 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
 
 class GatewayTransport:
     """Lifecycle as the sink's: `open()` -> writes -> `close()`; `disconnect()` drops the HTTP
-    session between runs. The token is sent only as an Authorization header and never shown."""
+    session between runs. The token is sent only as an Authorization header and never shown.
+    Two batches may be on the wire at once: the gateway parses one while the database writes
+    the other."""
+
+    max_in_flight = 2
 
     def __init__(
         self,

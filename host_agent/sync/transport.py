@@ -33,6 +33,9 @@ class Route(Protocol):
 
 
 class Transport(Protocol):
+    # How many batches may be written at once (the engine reads `max_in_flight` when a
+    # transport defines it; one when it does not).
+
     async def open(self, *, connect_timeout: float | None = None) -> None:
         """Be ready to write (connect, check the other end); a no-op when ready."""
         ...

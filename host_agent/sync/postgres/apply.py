@@ -11,9 +11,10 @@ advisory lock on its id.
 from __future__ import annotations
 
 import json
+import operator
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -119,8 +120,15 @@ async def _plans(conn: asyncpg.Connection, head: BundleHead) -> dict[str, TableP
     return plans
 
 
-def _local_row(plan: TablePlan, row: BundleRow) -> tuple[Any, ...]:
-    return (row.id, row.row_version, *(row.values.get(c) for c in plan.local_columns))
+def _values_getter(plan: TablePlan) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """The plan's local columns out of a row's values, in one C call per row."""
+    columns = plan.local_columns
+    if not columns:
+        return lambda _values: ()
+    if len(columns) == 1:
+        return lambda values: (values[columns[0]],)
+    getter = operator.itemgetter(*columns)
+    return lambda values: getter(values)  # type: ignore[no-any-return,unused-ignore]
 
 
 async def apply_bundle(
@@ -210,7 +218,12 @@ async def _write(
     command_timeout: float,
 ) -> None:
     part = receipt.tables[plan.table]
-    records, refused = plan.prepare([_local_row(plan, row) for row in batch])
+    values = _values_getter(plan)
+    try:
+        local = [(row.id, row.row_version, *values(row.values)) for row in batch]
+    except KeyError as exc:
+        raise BundleRefused(f"a row of {plan.table} lacks the column {exc}") from None
+    records, refused = plan.prepare(local)
     part.rejected.extend(refused)
     if records:
         written, bad = await write_batch(
