@@ -88,6 +88,7 @@ class DataSyncConfig(_Section):
     connect_timeout_seconds: float = Field(10, gt=0)
     command_timeout_seconds: float = Field(120, gt=0)
     once_deadline_seconds: float = Field(10, gt=0)
+    allow_schema_alter: bool = False
 
 
 class MetricsConfig(_Section):

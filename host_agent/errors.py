@@ -22,6 +22,7 @@
         │   └── SinkReadOnly    a read-only or recovering server (replica, failover)   3     yes
         ├── SinkAuthFailed      credentials or permissions refused                     4     no
         └── SchemaMismatch      tables, columns or keys missing: run `init-db`         5     no
+            └── ColumnsMissing  local columns the server's table lacks (names them)    5     no
 
 Foreign errors are translated at one boundary each: sqlite3 in `host_agent.store.faults`,
 asyncpg and sockets in `host_agent.sync.postgres.errors`. Exit codes live here, on the
@@ -120,6 +121,19 @@ class SinkAuthFailed(SinkError):
 
 class SchemaMismatch(SinkError):
     exit_code = 5
+
+
+class ColumnsMissing(SchemaMismatch):
+    def __init__(self, table: str, columns: list[str]) -> None:
+        listed = ", ".join(columns)
+        super().__init__(
+            f"{table} in PostgreSQL lacks the local column(s) {listed}, so their values would "
+            "not arrive: upgrade the server's schema (`host-agent init-db` with this version, "
+            "before the agents), or set data_sync.allow_schema_alter: true to let agents add "
+            "them as nullable columns"
+        )
+        self.table = table
+        self.columns = columns
 
 
 # Exit codes that are not errors of the program but outcomes a command reports.

@@ -18,7 +18,13 @@ from support.pg import unique_db_name
 from host_agent.embedded.cluster import LocalPostgres
 
 DISTRIBUTION_COLUMN = "host_identifier"
-DISTRIBUTED = ("desktop_activity_sessions", "file_change_events", "sync_logs", "imported_bundles")
+DISTRIBUTED = (
+    "desktop_activity_sessions",
+    "file_change_events",
+    "sync_logs",
+    "imported_bundles",
+    "schema_changes",
+)
 EVENT_TABLES = ("desktop_activity_sessions", "file_change_events")
 SCALING = Path(__file__).resolve().parents[1] / "docs" / "SCALING.md"
 CITUS_HEADING = "## Past one server: Citus"

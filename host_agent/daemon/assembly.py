@@ -87,6 +87,7 @@ def make_sink(config: AgentConfig) -> PostgresSink:
         config.host,
         connect_timeout=sync.connect_timeout_seconds,
         command_timeout=sync.command_timeout_seconds,
+        allow_schema_alter=sync.allow_schema_alter,
     )
 
 

@@ -45,6 +45,9 @@ class LocalTable:
     time_column: str  # the column that says when the recorded thing happened
     synced_index: str  # the index on synced_at that sync reads through
     migrations: tuple[Migration, ...]
+    # Columns kept only locally: the ISO text beside each epoch time (the server holds the
+    # time itself as timestamptz). Every other local column must exist on the server.
+    local_only: frozenset[str] = frozenset()
 
 
 def _column_names(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -160,6 +163,7 @@ DESKTOP_ACTIVITY = LocalTable(
     config_key="desktop_activity_db",
     time_column="start_time",
     synced_index="idx_desktop_synced_at",
+    local_only=frozenset({"start_time_iso", "end_time_iso"}),
     migrations=(
         Migration(
             "0001_create_desktop_activity_sessions",
@@ -203,6 +207,7 @@ FILE_CHANGES = LocalTable(
     config_key="file_events_db",
     time_column="event_time",
     synced_index="idx_file_synced_at",
+    local_only=frozenset({"event_time_iso"}),
     migrations=(
         Migration(
             "0001_create_file_change_events",
@@ -242,3 +247,5 @@ FILE_CHANGES = LocalTable(
 )
 
 TABLES: tuple[LocalTable, ...] = (DESKTOP_ACTIVITY, FILE_CHANGES)
+
+TABLES_BY_NAME = {table.name: table for table in TABLES}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,7 +208,9 @@ class GatewayTransport:
         self._closed = True
         await self.disconnect()
 
-    async def route(self, table: str, store_id: str, local_columns: Sequence[str]) -> GatewayRoute:
+    async def route(
+        self, table: str, store_id: str, local_columns: Mapping[str, str]
+    ) -> GatewayRoute:
         columns = tuple(c for c in local_columns if c not in BOOKKEEPING)
         return GatewayRoute(table, columns, self.host, store_id)
 

@@ -122,8 +122,8 @@ def _read_batch(
     return ReadBatch(rows, BatchRange(min(ids), max(ids), snapshot), undecodable)
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")]
+def _columns(conn: sqlite3.Connection, table: str) -> dict[str, str]:
+    return {str(r[1]): str(r[2]) for r in conn.execute(f"PRAGMA table_info({table})")}
 
 
 class LocalSource:
@@ -152,7 +152,8 @@ class LocalSource:
         await self._reader.close()
         await self._marker.close()
 
-    async def columns(self) -> list[str]:
+    async def columns(self) -> dict[str, str]:
+        """The table's columns, in order, with their declared types."""
         return await self._reader.run(_columns, self.table.name)
 
     async def read_batch(

@@ -11,7 +11,7 @@ The engine (`engine.py`) knows only this interface: the same batching, journal, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from host_agent.sync.records import LocalRow, Rejection, RunRecord, WriteOutcome
@@ -46,8 +46,11 @@ class Transport(Protocol):
 
     async def close(self) -> None: ...
 
-    async def route(self, table: str, store_id: str, local_columns: Sequence[str]) -> Route:
-        """How rows of `table` (from store `store_id`, holding `local_columns`) go out."""
+    async def route(
+        self, table: str, store_id: str, local_columns: Mapping[str, str]
+    ) -> Route:
+        """How rows of `table` (from store `store_id`, holding `local_columns`: name ->
+        declared type) go out."""
         ...
 
     async def write(

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from host_agent.errors import SchemaMismatch
+from host_agent.errors import ColumnsMissing, SchemaMismatch
+from host_agent.store.tables import TABLES_BY_NAME
 from host_agent.sync.postgres.schema import TableShape
 from host_agent.sync.records import LocalRow, Rejection
 
@@ -199,6 +200,20 @@ class TablePlan:
         return self.pg_columns.index("source_id")
 
 
+BOOKKEEPING = frozenset({"id", "row_version", "synced_at"})
+
+
+def missing_columns(table: str, shape: TableShape, local_columns: Sequence[str]) -> list[str]:
+    """Local data columns the server's table lacks (the local-only ISO texts aside): their
+    values would silently not arrive, so a run refuses to ship instead."""
+    known = TABLES_BY_NAME.get(table)
+    local_only = known.local_only if known is not None else frozenset()
+    names = {c.name for c in shape.columns}
+    return [
+        c for c in local_columns if c not in BOOKKEEPING and c not in local_only and c not in names
+    ]
+
+
 def build_plan(
     table: str,
     host: str,
@@ -222,9 +237,12 @@ def build_plan(
     identity = shape.identity_key(IDENTITY_COLUMNS)
     if identity is None:
         raise SchemaMismatch(
-            f"{table} has no unique key on ({', '.join(IDENTITY_COLUMNS)}) in PostgreSQL, so a "
-            "re-sent row would be stored twice: run `host-agent init-db`"
+            f"{table} has no unique key on ({', '.join(IDENTITY_COLUMNS)}, ...) in PostgreSQL, "
+            "so a re-sent row would be stored twice: run `host-agent init-db`"
         )
+    missing = missing_columns(table, shape, local_columns)
+    if missing:
+        raise ColumnsMissing(table, missing)
     shipped: list[str] = []
     types: list[str] = []
     selected: list[str] = []

@@ -9,6 +9,7 @@ columns from the live server and derives what it ships from them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -18,7 +19,8 @@ import asyncpg
 from host_agent.errors import SchemaMismatch, SinkAuthFailed
 
 REQUIRED_SCHEMA_VERSION = 3  # store identity in every key, partitioned event tables
-# Serialises concurrent init-db runs from many hosts against one server.
+ALTER_VERSION_BASE = 1000
+# Serialises concurrent init-db runs (and column additions) from many hosts against one server.
 _INIT_LOCK_KEY = 0x686F7374_6167  # "hostag"
 
 
@@ -56,7 +58,10 @@ async def schema_version(conn: asyncpg.Connection) -> int | None:
     exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
     if not exists:
         return None
-    value = await conn.fetchval("SELECT max(version) FROM schema_version")
+    # Versions from 1000 up record columns agents added (allow_schema_alter), not files.
+    value = await conn.fetchval(
+        f"SELECT max(version) FROM schema_version WHERE version < {ALTER_VERSION_BASE}"
+    )
     return int(value) if value is not None else None
 
 
@@ -140,3 +145,57 @@ async def check_schema(conn: asyncpg.Connection) -> None:
             f"PostgreSQL schema version is {version}, this agent needs "
             f"{REQUIRED_SCHEMA_VERSION}: run `host-agent init-db`"
         )
+
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def sqlite_to_pg_type(declared: str) -> str:
+    """The PostgreSQL type a new column gets for a local column's declared type (SQLite's
+    affinity rules); never a narrower one."""
+    kind = declared.upper()
+    if "INT" in kind:
+        return "BIGINT"
+    if any(word in kind for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if not kind or "BLOB" in kind:
+        return "BYTEA"
+    if any(word in kind for word in ("REAL", "FLOA", "DOUB")):
+        return "DOUBLE PRECISION"
+    return "NUMERIC"
+
+
+async def add_columns(
+    conn: asyncpg.Connection, table: str, columns: dict[str, str], host: str
+) -> list[str]:
+    """Add `columns` (name -> PostgreSQL type) to `table` as NULLable, audited in
+    schema_changes with a schema_version above 1000; return the statements run. Never drops,
+    renames or retypes anything."""
+    statements = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _INIT_LOCK_KEY)
+        for name, pg_type in columns.items():
+            if not _IDENTIFIER.match(name):
+                raise SchemaMismatch(f"{table}: {name!r} is not a column name this agent adds")
+            statement = f'ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "{name}" {pg_type} NULL'
+            try:
+                await conn.execute(statement)
+            except asyncpg.InsufficientPrivilegeError:
+                raise SinkAuthFailed(
+                    f"this login may not add the column {name} to {table} (it does not own the "
+                    "table): upgrade the server's schema as its administrator, or add the column "
+                    "as a NULLable one yourself"
+                ) from None
+            change = await conn.fetchval(
+                "INSERT INTO schema_changes (host_identifier, table_name, column_name, "
+                "column_type, statement) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                host, table, name, pg_type, statement,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO schema_version (version, description) VALUES ($1, $2) "
+                "ON CONFLICT (version) DO NOTHING",
+                ALTER_VERSION_BASE + int(change),
+                f"column {table}.{name} {pg_type} added by host {host} (allow_schema_alter)",
+            )
+            statements.append(statement)
+    return statements

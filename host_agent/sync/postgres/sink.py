@@ -20,18 +20,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import asyncpg
+import structlog
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
 from host_agent.sync.postgres.connect import close_quietly, connect
 from host_agent.sync.postgres.errors import translate
-from host_agent.sync.postgres.plan import TablePlan, build_plan
-from host_agent.sync.postgres.schema import apply_schema, check_host, check_schema, read_table
+from host_agent.sync.postgres.plan import TablePlan, build_plan, missing_columns
+from host_agent.sync.postgres.schema import (
+    add_columns,
+    apply_schema,
+    check_host,
+    check_schema,
+    read_table,
+    sqlite_to_pg_type,
+)
 from host_agent.sync.postgres.writes import Progress, write_batch, write_sync_logs
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
+
+log = structlog.get_logger("host_agent.sync")
 
 
 class PostgresSink:
@@ -46,8 +56,10 @@ class PostgresSink:
         *,
         connect_timeout: float = 10.0,
         command_timeout: float = 120.0,
+        allow_schema_alter: bool = False,
     ) -> None:
         self._url = url
+        self.allow_schema_alter = allow_schema_alter
         self.host = host
         self.connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -158,13 +170,24 @@ class PostgresSink:
         async with self._guard(drop=False):
             return await apply_schema(self._connection())
 
-    async def route(self, table: str, store_id: str, local_columns: Sequence[str]) -> TablePlan:
-        """The table plan (a `Route`): the server's columns matched to the local ones."""
+    async def route(
+        self, table: str, store_id: str, local_columns: Mapping[str, str]
+    ) -> TablePlan:
+        """The table plan (a `Route`): the server's columns matched to the local ones. Local
+        columns the server lacks refuse the table (`ColumnsMissing`, exit 5), unless
+        `allow_schema_alter`: then they are added as NULLable columns first, audited."""
         async with self._guard():
             conn = self._connection()
             async with conn.transaction(readonly=True):
                 shape = await read_table(conn, table)
-        return build_plan(table, self.host, store_id, shape, local_columns)
+            missing = missing_columns(table, shape, list(local_columns))
+            if missing and self.allow_schema_alter:
+                types = {c: sqlite_to_pg_type(local_columns[c]) for c in missing}
+                for statement in await add_columns(conn, table, types, self.host):
+                    log.warning("sync.schema_altered", table=table, statement=statement)
+                async with conn.transaction(readonly=True):
+                    shape = await read_table(conn, table)
+        return build_plan(table, self.host, store_id, shape, list(local_columns))
 
     async def write(
         self,
