@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="release quarantined rows, then ship everything unsynced and exit",
     )
+    sync.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress line (it shows only when stderr is a terminal)",
+    )
     trigger = sub.add_parser(
         "trigger-sync", help="ask the running agent to sync now and wait for the result"
     )
@@ -178,7 +183,10 @@ def _sync(args: argparse.Namespace, config: AgentConfig) -> int:
 
     from host_agent.commands.sync import sync_once
 
-    report = asyncio.run(sync_once(config, retry_rejected=args.retry_rejected))
+    progress = not args.no_progress and sys.stderr.isatty()
+    report = asyncio.run(
+        sync_once(config, retry_rejected=args.retry_rejected, progress=progress)
+    )
     for table in report.tables:
         line = f"{table.table}: {table.status}, {table.synced} synced, {table.failed} rejected"
         if table.error is not None:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncpg  # noqa: E402
-from bench_sync import build_sqlite, export_csv  # noqa: E402
+from bench_sync import build_sqlite, export_csv, server_columns  # noqa: E402
 from support.pgbouncer import PgBouncer  # noqa: E402
 
 from host_agent.embedded.cluster import LocalPostgres  # noqa: E402
@@ -114,7 +114,7 @@ def start_agents(
     for n in range(agents):
         home = work / f"{tag}-{n:03}"
         (home / "watched").mkdir(parents=True)
-        build_sqlite(home / "file_changes.db", rows, seed=n)
+        build_sqlite(home / "file_changes.db", "file_change_events", rows, "wide", seed=n)
         config = home / "config.yaml"
         config.write_text(
             f"host_identifier: {tag}-host-{n:03}\n"
@@ -208,11 +208,12 @@ def main() -> int:
     try:
         # The reference: every row of the fleet by one \copy.
         reference_db = work / "reference.db"
-        build_sqlite(reference_db, total)
-        csv_path = work / "rows.csv"
-        columns = export_csv(reference_db, csv_path)
-        csv_path.chmod(0o644)
+        build_sqlite(reference_db, "file_change_events", total, "wide")
         server.database("reference")
+        csv_path = work / "rows.csv"
+        table_columns = server_columns(server.pg, "reference", "file_change_events")
+        columns = export_csv(reference_db, "file_change_events", table_columns, csv_path)
+        csv_path.chmod(0o644)
         env = dict(os.environ, PGPASSWORD=server.pg.password)
         started = time.perf_counter()
         subprocess.run(

@@ -156,7 +156,7 @@ def main() -> int:
             time.sleep(0.1)  # polling a port another process opens
 
         # (a) the same rows, straight and through the gateway.
-        build_sqlite(work / "direct" / "file_changes.db", args.rows)
+        build_sqlite(work / "direct" / "file_changes.db", "file_change_events", args.rows, "wide")
         shutil.copytree(work / "direct", work / "via")
         direct_s = timed_sync(
             config_file(work / "direct.yaml", "bench-host", work / "direct" / "file_changes.db"),

@@ -145,6 +145,7 @@ def test_writer_after_close_raises(tmp_path: Path) -> None:
 def test_sync_reads_seek_through_the_synced_at_index_even_after_analyze(tmp_path: Path) -> None:
     """Keyset pagination only helps if the read seeks to the first unsynced row. With a long
     synced history and fresh statistics, SQLite would otherwise walk the table by id."""
+    from host_agent.sync.records import Selection
     from host_agent.sync.source import read_batch_sql
 
     for table in (FILE_CHANGES, DESKTOP_ACTIVITY):
@@ -163,7 +164,7 @@ def test_sync_reads_seek_through_the_synced_at_index_even_after_analyze(tmp_path
             conn.execute(f"UPDATE {table.name} SET synced_at = 1 WHERE id <= 3000")
             conn.commit()
             conn.execute("ANALYZE")
-            sql = read_batch_sql(table, ["created_at"])
+            sql = read_batch_sql(table, Selection.plain(("created_at",)))
             plan = " ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", (0, 10)))
             assert f"USING INDEX {table.synced_index} (synced_at=? AND rowid>?)" in plan, plan
             rows = conn.execute(sql, (0, 10)).fetchall()

@@ -285,6 +285,46 @@ async def test_bad_rows_are_isolated_kept_and_reported_while_the_rest_flows(
     assert collect_status(config)["tables"]["file_change_events"]["quarantined"] == 2
 
 
+async def test_values_the_fast_path_cannot_take_arrive_exactly_or_are_refused_alone(
+    schema_url: str, make_config: MakeConfig
+) -> None:
+    """SQLite computes the wire form of times and booleans while it reads; a row with a value
+    outside that (a fractional epoch, a time that is text, a boolean that is not 0/1) takes
+    the checked path with the rest of its batch unharmed: exact values, or that row refused
+    naming its column."""
+    config = make_config(schema_url, data_sync={"batch_size": 1000})
+    now = int(time.time())
+    rows: list[dict[str, Any]] = [file_event(i, now=now) for i in range(50)]
+    rows[5]["event_time"] = 1_700_000_000.123456  # fractional epoch seconds: microseconds kept
+    rows[6]["created_at"] = "soon"  # not a time: refused
+    rows[7]["is_symlink"] = 2  # not a boolean: refused
+    rows[8]["is_symlink"] = 1
+    ids = insert_file_events(files_db(config), rows)
+
+    report = await sync_once(config)
+
+    assert (report.synced, report.failed) == (48, 2)
+    got = {
+        r["source_id"]: r
+        for r in await pg_fetch(
+            schema_url,
+            "SELECT source_id, to_char(event_time AT TIME ZONE 'UTC', "
+            "'YYYY-MM-DD HH24:MI:SS.US') AS t, extract(epoch FROM created_at)::bigint AS c, "
+            "is_symlink FROM file_change_events",
+        )
+    }
+    assert set(got) == set(ids) - {ids[6], ids[7]}
+    assert got[ids[5]]["t"] == "2023-11-14 22:13:20.123456"
+    assert got[ids[8]]["is_symlink"] is True and got[ids[9]]["is_symlink"] is False
+    assert all(got[i]["c"] == now for i in got)
+    reasons = {
+        r["row_id"]: r["error"]
+        for r in collect_status(config)["tables"]["file_change_events"]["quarantined_rows"]
+    }
+    assert set(reasons) == {ids[6], ids[7]}
+    assert "created_at" in reasons[ids[6]] and "is_symlink" in reasons[ids[7]]
+
+
 async def test_sync_logs_have_the_plans_columns_and_one_row_per_table_per_run(
     schema_url: str, make_config: MakeConfig
 ) -> None:

@@ -19,6 +19,7 @@ from host_agent.daemon.assembly import require_url
 from host_agent.errors import BundleRefused
 from host_agent.sync.bundle import BundleHead, bundle_rows, check_bundle
 from host_agent.sync.postgres.apply import Receipt, apply_bundle
+from host_agent.sync.postgres.codecs import use_row_codecs
 from host_agent.sync.postgres.connect import connected
 
 
@@ -54,6 +55,7 @@ async def import_bundles(config: AgentConfig, paths: list[Path]) -> list[Importe
         connect_timeout=sync.connect_timeout_seconds,
         command_timeout=sync.command_timeout_seconds,
     ) as conn:
+        await use_row_codecs(conn)
         for path, head in heads:
             # Read again row by row as they are applied: a bundle never has to fit in memory.
             receipt = await apply_bundle(

@@ -15,6 +15,7 @@ from host_agent.config import AgentConfig
 from host_agent.daemon import systemd
 from host_agent.daemon.assembly import require_url
 from host_agent.gateway.app import Gateway, make_app
+from host_agent.sync.postgres.codecs import use_row_codecs
 from host_agent.sync.postgres.schema import check_schema
 
 log = structlog.get_logger("host_agent.gateway")
@@ -38,6 +39,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> None:
         timeout=sync.connect_timeout_seconds,
         command_timeout=sync.command_timeout_seconds,
         server_settings={"application_name": "host-agent-gateway"},
+        init=use_row_codecs,
     )
     try:
         gateway = Gateway(

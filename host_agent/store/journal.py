@@ -263,6 +263,16 @@ def unsynced_count(conn: sqlite3.Connection, table: LocalTable) -> int:
     )
 
 
+def shippable_count(conn: sqlite3.Connection, table: LocalTable) -> int:
+    """Rows a sync run would ship now: unsynced and not in quarantine."""
+    return int(
+        conn.execute(
+            f"SELECT count(*) FROM {table.name} t INDEXED BY {table.synced_index} "
+            f"WHERE t.synced_at IS NULL AND {NOT_QUARANTINED}"
+        ).fetchone()[0]
+    )
+
+
 def backlog(conn: sqlite3.Connection, table: LocalTable) -> Backlog:
     held = int(conn.execute(f"SELECT count(*) {_quarantine_join(table)}").fetchone()[0])
     oldest = conn.execute(

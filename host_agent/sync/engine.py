@@ -35,6 +35,7 @@ from host_agent.errors import HostAgentError, SinkError, StoreError
 from host_agent.logging import redact
 from host_agent.retry import RetryPolicy
 from host_agent.store.journal import Outcome
+from host_agent.sync.progress import ProgressLog, TableProgress
 from host_agent.sync.records import ReadBatch, Rejection, RunRecord, WriteOutcome
 from host_agent.sync.source import LocalSource
 from host_agent.sync.transport import Route, Transport
@@ -206,6 +207,11 @@ class SyncEngine:
         self.log = log or structlog.get_logger("host_agent.sync")
         self._routes: dict[str, Route] = {}
         self._held: dict[str, list[tuple[RunRecord, Outcome]]] = {}
+        # Who hears of each table's progress after every batch (the progress line of
+        # `sync --once` on a terminal); `progress_log` logs it every 10 s of a long run
+        # (None: not logged, e.g. while a progress line shows it).
+        self.on_progress: Callable[[TableProgress], None] | None = None
+        self.progress_log: ProgressLog | None = ProgressLog(self.log)
 
     # -- reaching the server ---------------------------------------------------------------
 
@@ -326,11 +332,15 @@ class SyncEngine:
         self, source: LocalSource, stop: asyncio.Event | None, attempts: Attempts
     ) -> TableResult:
         result = TableResult(source.table.name)
+        progress: TableProgress | None = None
         cursor = 0
         while True:
             try:
+                if progress is None:
+                    progress = TableProgress(result.table, await source.shippable())
+                    self._report(progress)
                 await self._connect(attempts)
-                cursor = await self._ship_from(source, cursor, result, stop, attempts)
+                cursor = await self._ship_from(source, cursor, result, stop, attempts, progress)
                 break
             except SinkError as exc:
                 self.log.warning("sync.connection_lost", table=result.table, error=str(exc))
@@ -343,7 +353,16 @@ class SyncEngine:
                 result.error = exc
                 break
         result.completed_at = time.time()
+        if progress is not None:
+            progress.done = True
+            self._report(progress)
         return result
+
+    def _report(self, progress: TableProgress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(progress)
+        if self.progress_log is not None:
+            self.progress_log(progress)
 
     async def _ship_from(
         self,
@@ -352,6 +371,7 @@ class SyncEngine:
         result: TableResult,
         stop: asyncio.Event | None,
         attempts: Attempts,
+        progress: TableProgress,
     ) -> int:
         """Ship batches after `cursor`; return the last id handled. Raises SinkError or
         StoreError.
@@ -373,7 +393,7 @@ class SyncEngine:
             after = cursor
             while True:
                 batch = await source.read_batch(
-                    route.local_columns, after, self.batch_size, self.batch_max_bytes
+                    route.selection, after, self.batch_size, self.batch_max_bytes
                 )
                 if batch is None:
                     await ready.put(None)
@@ -397,6 +417,8 @@ class SyncEngine:
             result.synced += outcome.written
             result.failed += len(outcome.rejected)
             self._log_rejections(result.table, outcome.rejected)
+            progress.shipped += len(item.batch.rows) + len(item.batch.undecodable)
+            self._report(progress)
             if marking is not None:
                 await finish_even_if_cancelled(marking)
             marking = asyncio.ensure_future(source.mark(item.batch, outcome.rejected))

@@ -34,7 +34,7 @@ from host_agent.errors import (
     SinkUnavailable,
 )
 from host_agent.sync.bundle import TableSummary, encode_lines, new_meta, values_line
-from host_agent.sync.records import LocalRow, Rejection, RunRecord, WriteOutcome
+from host_agent.sync.records import LocalRow, Rejection, RunRecord, Selection, WriteOutcome
 
 BUNDLE_TYPE = "application/vnd.host-agent.bundle+zstd"
 BOOKKEEPING = frozenset({"id", "row_version", "synced_at"})
@@ -49,6 +49,10 @@ class GatewayRoute:
     local_columns: tuple[str, ...]
     host: str
     store_id: str
+
+    @property
+    def selection(self) -> Selection:
+        return Selection.plain(self.local_columns)
 
     def prepare(self, rows: Sequence[LocalRow]) -> tuple[bytes, list[Rejection]]:
         meta = new_meta(self.host)

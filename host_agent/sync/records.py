@@ -11,7 +11,34 @@ from typing import Any
 
 from host_agent.store.journal import BatchRange, Rejection, RunRecord
 
-LocalRow = tuple[Any, ...]  # (id, row_version, *local values in the plan's column order)
+# A row as a read returns it: the values its `Selection` lays out, then the size of its
+# values in bytes (which bounds a batch's memory).
+LocalRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a read of a local table returns for each row, decided by the route that ships it:
+    `expressions` (SQL over the table, alias `t`; `?` placeholders take `params`, bound before
+    the keyset parameters), named by `names` for messages. `row[id_at]` is the row's id,
+    `row[version_at]` its row_version; the values of `sized` columns count towards a batch's
+    byte budget, and their size is appended to every row."""
+
+    expressions: tuple[str, ...]
+    names: tuple[str, ...]
+    sized: tuple[str, ...]
+    params: tuple[Any, ...] = ()
+    id_at: int = 0
+    version_at: int = 1
+
+    @classmethod
+    def plain(cls, local_columns: tuple[str, ...]) -> Selection:
+        """(id, row_version, *local_columns) as they are stored."""
+        return cls(
+            expressions=("t.id", "t.row_version", *(f"t.{c}" for c in local_columns)),
+            names=("id", "row_version", *local_columns),
+            sized=local_columns,
+        )
 
 
 @dataclass(frozen=True)
@@ -31,4 +58,12 @@ class WriteOutcome:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-__all__ = ["BatchRange", "LocalRow", "ReadBatch", "Rejection", "RunRecord", "WriteOutcome"]
+__all__ = [
+    "BatchRange",
+    "LocalRow",
+    "ReadBatch",
+    "Rejection",
+    "RunRecord",
+    "Selection",
+    "WriteOutcome",
+]

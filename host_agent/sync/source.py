@@ -19,25 +19,26 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from host_agent.store import journal
 from host_agent.store.connection import AsyncConnection
 from host_agent.store.journal import NOT_QUARANTINED, BatchRange, Outcome, Rejection, Schedule
 from host_agent.store.tables import LocalTable
-from host_agent.sync.records import LocalRow, ReadBatch, RunRecord
+from host_agent.sync.records import LocalRow, ReadBatch, RunRecord, Selection
 
 
-def read_batch_sql(table: LocalTable, local_columns: Sequence[str]) -> str:
-    """The keyset read: (id, row_version, *local_columns, bytes) of unsynced rows after an id;
-    `bytes` is the size of the row's values, computed by SQLite, which bounds a batch's memory.
+def read_batch_sql(table: LocalTable, selection: Selection) -> str:
+    """The keyset read: the selection's values of unsynced rows after an id, then `bytes`, the
+    size of the row's stored values computed by SQLite, which bounds a batch's memory.
 
     `INDEXED BY` pins the plan to the synced_at index (entries `(NULL, id)` for unsynced rows,
     so `id > ?` is a range seek). Without it, statistics from an ANALYZE can make SQLite walk
     the table in id order instead, through every synced row before the first unsynced one: a
     cost that grows with the history, which keyset pagination exists to avoid.
     """
-    size = " + ".join(f"coalesce(length(CAST(t.{c} AS BLOB)), 0)" for c in local_columns) or "0"
-    select = ", ".join(("t.id", "t.row_version", *(f"t.{c}" for c in local_columns), size))
+    size = " + ".join(f"coalesce(length(CAST(t.{c} AS BLOB)), 0)" for c in selection.sized)
+    select = ", ".join((*selection.expressions, size or "0"))
     return (
         f"SELECT {select} FROM {table.name} t INDEXED BY {table.synced_index} "
         f"WHERE t.synced_at IS NULL AND t.id > ? AND {NOT_QUARANTINED} "
@@ -62,14 +63,18 @@ MAX_CHUNK_ROWS = 1024
 
 
 def _fetch(
-    conn: sqlite3.Connection, sql: str, after_id: int, limit: int, max_bytes: int
+    conn: sqlite3.Connection,
+    sql: str,
+    params: tuple[Any, ...],
+    limit: int,
+    max_bytes: int,
 ) -> list[LocalRow]:
     """Up to `limit` rows, stopping once they hold `max_bytes` (at least one row). Rows come
     in chunks sized from the largest row seen, so a few huge rows never arrive all at once."""
     rows: list[LocalRow] = []
     total = 0
     chunk = FIRST_CHUNK_ROWS
-    with contextlib.closing(conn.execute(sql, (after_id, limit))) as cursor:
+    with contextlib.closing(conn.execute(sql, params)) as cursor:
         while len(rows) < limit and total < max_bytes:
             part = cursor.fetchmany(min(chunk, limit - len(rows)))
             if not part:
@@ -84,15 +89,17 @@ def _fetch(
 def _read_batch(
     conn: sqlite3.Connection,
     sql: str,
-    local_columns: Sequence[str],
+    selection: Selection,
     after_id: int,
     limit: int,
     max_bytes: int,
 ) -> ReadBatch | None:
     snapshot = journal.counter(conn)
     undecodable: list[Rejection] = []
+    params = (*selection.params, after_id, limit)
+    id_at, version_at = selection.id_at, selection.version_at
     try:
-        rows = _fetch(conn, sql, after_id, limit, max_bytes)
+        rows = _fetch(conn, sql, params, limit, max_bytes)
     except sqlite3.OperationalError as exc:
         if "decode" not in str(exc):
             raise
@@ -100,25 +107,25 @@ def _read_batch(
         # the rows that hold such text instead of failing the whole batch forever.
         conn.text_factory = _decode_lossless
         try:
-            rows = _fetch(conn, sql, after_id, limit, max_bytes)
+            rows = _fetch(conn, sql, params, limit, max_bytes)
         finally:
             conn.text_factory = str
         clean: list[LocalRow] = []
         for row in rows:
             bad = [
                 name
-                for name, value in zip(local_columns, row[2:-1], strict=True)
+                for name, value in zip(selection.names, row, strict=False)
                 if isinstance(value, str) and not _is_utf8(value)
             ]
             if bad:
                 reason = f"column {bad[0]}: text is not valid UTF-8"
-                undecodable.append(Rejection(int(row[0]), int(row[1]), reason))
+                undecodable.append(Rejection(int(row[id_at]), int(row[version_at]), reason))
             else:
                 clean.append(row)
         rows = clean
     if not rows and not undecodable:
         return None
-    ids = [int(r[0]) for r in rows] + [r.row_id for r in undecodable]
+    ids = [int(r[id_at]) for r in rows] + [r.row_id for r in undecodable]
     return ReadBatch(rows, BatchRange(min(ids), max(ids), snapshot), undecodable)
 
 
@@ -157,14 +164,17 @@ class LocalSource:
         return await self._reader.run(_columns, self.table.name)
 
     async def read_batch(
-        self, local_columns: Sequence[str], after_id: int, limit: int, max_bytes: int
+        self, selection: Selection, after_id: int, limit: int, max_bytes: int
     ) -> ReadBatch | None:
-        """The next unsynced, unquarantined rows with id > after_id: at most `limit` rows, and
-        no more once they hold `max_bytes` of values (but at least one); None when none."""
-        sql = read_batch_sql(self.table, local_columns)
-        return await self._reader.run(
-            _read_batch, sql, local_columns, after_id, limit, max_bytes
-        )
+        """The next unsynced, unquarantined rows with id > after_id, as `selection` lays them
+        out: at most `limit` rows, and no more once they hold `max_bytes` of values (but at
+        least one); None when none."""
+        sql = read_batch_sql(self.table, selection)
+        return await self._reader.run(_read_batch, sql, selection, after_id, limit, max_bytes)
+
+    async def shippable(self) -> int:
+        """How many rows a run would ship now (unsynced, not in quarantine)."""
+        return await self._reader.run(journal.shippable_count, self.table)
 
     async def mark(
         self, batch: ReadBatch, rejected: Sequence[Rejection], now: float | None = None

@@ -14,18 +14,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from host_agent.sync.records import LocalRow, Rejection, RunRecord, WriteOutcome
+from host_agent.sync.records import LocalRow, Rejection, RunRecord, Selection, WriteOutcome
 
 
 class Route(Protocol):
-    """How one table's rows go out: which local columns to read, and how a batch of them
-    becomes what the transport sends (done while the previous batch is on the wire)."""
+    """How one table's rows go out: what to read of each local row (a `Selection`: the
+    PostgreSQL sink has SQLite compute its wire values), and how a batch of them becomes what
+    the transport sends (done while the previous batch is on the wire)."""
 
     @property
     def table(self) -> str: ...
 
     @property
-    def local_columns(self) -> tuple[str, ...]: ...
+    def selection(self) -> Selection: ...
 
     def prepare(self, rows: Sequence[LocalRow]) -> tuple[Any, list[Rejection]]:
         """(the payload for `Transport.write`, rows refused before sending)."""

@@ -23,6 +23,7 @@ import asyncpg
 
 from host_agent.errors import BundleRefused, SchemaMismatch
 from host_agent.sync.bundle import BundleHead, BundleRow
+from host_agent.sync.postgres.codecs import pg_time
 from host_agent.sync.postgres.plan import TablePlan, build_plan
 from host_agent.sync.postgres.schema import read_table
 from host_agent.sync.postgres.writes import Progress, write_batch, write_sync_logs
@@ -204,7 +205,7 @@ async def apply_bundle(
             meta.rows,
             head.sha256,
             json.dumps(receipt.as_json()),
-            datetime.fromisoformat(meta.created_at),
+            pg_time(datetime.fromisoformat(meta.created_at)),
             via,
         )
     return receipt
@@ -223,7 +224,7 @@ async def _write(
         local = [(row.id, row.row_version, *values(row.values)) for row in batch]
     except KeyError as exc:
         raise BundleRefused(f"a row of {plan.table} lacks the column {exc}") from None
-    records, refused = plan.prepare(local)
+    records, refused = plan.prepare_raw(local)
     part.rejected.extend(refused)
     if records:
         written, bad = await write_batch(

@@ -5,13 +5,19 @@ Every PostgreSQL column is filled from the local column of the same name, except
 id) and `synced_at` (the server's
 receive time, left to its default). Values are converted by the PostgreSQL type.
 
-Two ways to convert, because this is the sync's hottest loop:
-- `convert_batch`: one list comprehension compiled per table, converting only what asyncpg
-  cannot take as it is (epoch seconds to datetimes, 0/1 to booleans). Text and integers go to
-  asyncpg's binary encoder unchecked; a value it refuses is found by the sink's bisection
-  and explained by `diagnose`.
+Times travel as microseconds since 2000-01-01 UTC and booleans as 0/1 (`codecs.py`). Three
+ways to convert, because this is the sync's hottest loop:
+- `selection` + `prepare` (a direct sync): SQLite computes the wire values while it reads
+  (epoch seconds to microseconds, in the valid range), and a flag per row says whether every
+  checked value was valid; rows read that way are the records, with no Python work per value.
+  A flagged row (a time out of range or not an integer, a boolean not 0/1) goes through
+  `to_record` from its stored values, which come along at the end of the row.
+- `convert_batch` (rows from a bundle, `prepare_raw`): one list comprehension compiled per
+  table, converting only what the codecs cannot take as it is.
 - `to_record`: per row and per column, with checks that name the column; used for a batch
   whose fast conversion failed, so one bad value rejects only its own row.
+Text and integers go to asyncpg's binary encoder unchecked; a value it refuses is found by the
+sink's bisection and explained by `diagnose`.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from typing import Any, cast
 
 from host_agent.errors import ColumnsMissing, SchemaMismatch
 from host_agent.store.tables import TABLES_BY_NAME
+from host_agent.sync.postgres.codecs import PG_EPOCH_UNIX, pg_time
 from host_agent.sync.postgres.schema import TableShape
-from host_agent.sync.records import LocalRow, Rejection
+from host_agent.sync.records import LocalRow, Rejection, Selection
 
 Converter = Callable[[Any], Any]
 
@@ -46,9 +53,13 @@ class RowValueError(ValueError):
 # lands on either would arrive changed, so it is refused like one out of range.
 _EPOCH_LOW = datetime.min.replace(tzinfo=UTC).timestamp()  # 0001-01-01T00:00:00Z
 _EPOCH_HIGH = datetime.max.replace(tzinfo=UTC).timestamp()
+# The same range in whole seconds, for the check SQLite makes.
+_SECONDS_LOW = int(_EPOCH_LOW) + 1
+_SECONDS_HIGH = int(_EPOCH_HIGH) - 1
 
 
-def _timestamptz(value: Any) -> datetime | None:
+def _timestamptz(value: Any) -> int | None:
+    """Epoch seconds as the wire's microseconds since 2000 (`codecs.pg_time`)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -62,11 +73,7 @@ def _timestamptz(value: Any) -> datetime | None:
             f"epoch seconds {value} ({converted.isoformat()}) would be stored as "
             f"{'-' if value <= _EPOCH_LOW else ''}infinity"
         )
-    return converted
-
-
-def _refuse(value: Any) -> None:
-    raise ValueError(f"timestamp out of the range stored exactly: {value}")
+    return pg_time(value if isinstance(value, int) else converted)
 
 
 def _boolean(value: Any) -> bool | None:
@@ -133,8 +140,99 @@ class TablePlan:
     _converters: tuple[Converter | None, ...]
     _types: tuple[str, ...]  # per pg column: its pg_catalog type name
 
+    # -- rows read through `selection` (a direct sync) ------------------------------------------
+
+    @functools.cached_property
+    def selection(self) -> Selection:
+        """Each row as its record: the PostgreSQL columns in COPY order, computed by SQLite
+        (host and store bound, times as the wire's microseconds where valid), then the stored
+        values of the checked columns (times, booleans), then a flag: 1 when one of those is
+        not valid on the wire, so the row takes `to_record`. asyncpg reads only the first
+        `len(pg_columns)` values of a record."""
+        expressions: list[str] = []
+        names: list[str] = []
+        conditions: list[str] = []
+        checked: list[str] = []
+        params: list[Any] = []
+        for name, source, convert in zip(
+            self.pg_columns, self._sources, self._converters, strict=True
+        ):
+            names.append(name)
+            if source in (HOST, STORE):
+                expressions.append("?")
+                params.append(self.host if source == HOST else str(self.store_id))
+                continue
+            column = "t.id" if source == 0 else f"t.{self.local_columns[source - 2]}" if (
+                source >= 2
+            ) else "t.row_version"
+            if convert is _timestamptz:
+                valid = (
+                    f"typeof({column}) = 'integer' "
+                    f"AND {column} BETWEEN {_SECONDS_LOW} AND {_SECONDS_HIGH}"
+                )
+                expressions.append(
+                    f"CASE WHEN {valid} THEN ({column} - {PG_EPOCH_UNIX}) * 1000000 END"
+                )
+                conditions.append(f"({column} IS NULL OR {valid})")
+                checked.append(column)
+            elif convert is _boolean:
+                expressions.append(column)
+                conditions.append(f"({column} IS NULL OR {column} IN (0, 1))")
+                checked.append(column)
+            else:
+                expressions.append(column)
+        for column in checked:
+            expressions.append(column)
+            names.append(column.removeprefix("t."))
+        expressions.append(
+            f"CASE WHEN {' AND '.join(conditions)} THEN 0 ELSE 1 END" if conditions else "0"
+        )
+        names.append("(checked)")
+        return Selection(
+            expressions=tuple(expressions),
+            names=tuple(names),
+            sized=self.local_columns,
+            params=tuple(params),
+            id_at=self.source_id_index,
+            version_at=self.version_index,
+        )
+
+    @functools.cached_property
+    def _stored_at(self) -> tuple[int, ...]:
+        """Where a selected row holds (id, row_version, *local_columns) as stored."""
+        checked = [
+            s for s, c in zip(self._sources, self._converters, strict=True)
+            if s >= 2 and (c is _timestamptz or c is _boolean)
+        ]  # fmt: skip
+        tail = {source: len(self.pg_columns) + i for i, source in enumerate(checked)}
+        where = {source: i for i, source in enumerate(self._sources)}
+        return tuple(tail.get(s, where.get(s, -1)) for s in range(2 + len(self.local_columns)))
+
     def prepare(self, rows: Sequence[LocalRow]) -> tuple[list[tuple[Any, ...]], list[Rejection]]:
-        """Records for `rows`, and the rows refused before sending."""
+        """Records for rows read through `selection`, and the rows refused before sending."""
+        flag = len(self.selection.expressions) - 1
+        if not any([r[flag] for r in rows]):
+            return list(rows), []
+        records: list[tuple[Any, ...]] = []
+        refused: list[Rejection] = []
+        stored_at = self._stored_at
+        for row in rows:
+            if not row[flag]:
+                records.append(row)
+                continue
+            stored = tuple(row[i] for i in stored_at)
+            try:
+                records.append(self.to_record(stored))
+            except RowValueError as exc:
+                refused.append(Rejection(int(stored[0]), int(stored[1]), str(exc)))
+        return records, refused
+
+    # -- rows as stored: (id, row_version, *local_columns) (a bundle's rows) ---------------------
+
+    def prepare_raw(
+        self, rows: Sequence[LocalRow]
+    ) -> tuple[list[tuple[Any, ...]], list[Rejection]]:
+        """Records for rows as stored, and the rows refused before sending."""
         try:
             return self.convert_batch(rows), []
         except (TypeError, ValueError, KeyError, OverflowError, OSError):
@@ -154,11 +252,16 @@ class TablePlan:
 
     def diagnose(self, record: Sequence[Any]) -> str | None:
         """Why asyncpg's encoder would refuse `record`, naming the column; None if unknown."""
-        for name, value, expected in zip(self.pg_columns, record, self._expected, strict=True):
+        values = record[: len(self.pg_columns)]
+        for name, value, expected in zip(self.pg_columns, values, self._expected, strict=True):
             if value is None or expected is None:
                 continue
             kind, limit = expected
             value = cast(Any, value)
+            if kind is bool:
+                if value not in (0, 1):
+                    return f"column {name}: expected 0 or 1, got {value!r}"[:120]
+                continue
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 return f"column {name}: expected {kind.__name__}, got {type(value).__name__}"
             if limit and not -limit <= value < limit:
@@ -293,7 +396,7 @@ _PY_TYPES: dict[str, tuple[type[Any], int]] = {
     "text": (str, 0),
     "varchar": (str, 0),
     "bool": (bool, 0),
-    "timestamptz": (datetime, 0),
+    "timestamptz": (int, 2**63),  # microseconds since 2000 (codecs.py)
     "bytea": (bytes, 0),
     "uuid": (uuid.UUID, 0),
 }
@@ -313,20 +416,19 @@ def _batch_converter(
         value = "host" if source == HOST else "store" if source == STORE else f"r[{int(source)}]"
         if convert is _timestamptz:
             value = (
-                f"(None if {value} is None else fromtimestamp({value}, UTC) "
-                f"if low < {value} < high else refuse({value}))"
+                f"(None if {value} is None else ({value} - epoch) * 1000000 "
+                f"if {value}.__class__ is int and low < {value} < high else slow({value}))"
             )
         elif convert is _boolean:
             value = f"booleans[{value}]"
         parts.append(value)
     source_code = f"lambda host, store, rows: [({', '.join(parts)},) for r in rows]"
     namespace = {
-        "fromtimestamp": datetime.fromtimestamp,
-        "UTC": UTC,
+        "epoch": PG_EPOCH_UNIX,
         "booleans": _BOOLEANS,
         "low": _EPOCH_LOW,
         "high": _EPOCH_HIGH,
-        "refuse": _refuse,
+        "slow": _timestamptz,
     }
     converter: Callable[[str, uuid.UUID, Sequence[LocalRow]], list[tuple[Any, ...]]] = eval(
         compile(source_code, "<host_agent batch converter>", "eval"), namespace

@@ -27,6 +27,7 @@ import asyncpg
 import structlog
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
+from host_agent.sync.postgres.codecs import use_row_codecs
 from host_agent.sync.postgres.connect import close_quietly, connect
 from host_agent.sync.postgres.errors import translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan, missing_columns
@@ -87,6 +88,7 @@ class PostgresSink:
             self._conn = await connect(
                 self._url, connect_timeout=timeout, command_timeout=self._command_timeout
             )
+            await use_row_codecs(self._conn)
             if check:
                 async with self._conn.transaction():
                     await check_schema(self._conn)

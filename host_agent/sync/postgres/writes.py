@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from host_agent.sync.postgres.codecs import pg_time
 from host_agent.sync.postgres.errors import is_partition_moved, is_row_error, row_error_message
 from host_agent.sync.postgres.plan import TablePlan
 from host_agent.sync.records import RunRecord
@@ -165,10 +165,6 @@ async def _upsert(
     return _count(status)
 
 
-def _ts(epoch: float | None) -> datetime | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
-
-
 async def write_sync_logs(
     conn: asyncpg.Connection,
     host: str,
@@ -177,7 +173,8 @@ async def write_sync_logs(
     *,
     command_timeout: float,
 ) -> None:
-    """Append runs (of one store) to sync_logs. Idempotent: a run already there (same host,
+    """Append runs (of one store) to sync_logs, on a connection with the row codecs
+    (`codecs.use_row_codecs`). Idempotent: a run already there (same host,
     store, table and start time) is not added again, so a retry after a lost acknowledgement
     is harmless."""
     if not runs:
@@ -194,8 +191,8 @@ async def write_sync_logs(
         """,
         [
             (
-                _ts(run.started_at),
-                _ts(run.completed_at),
+                pg_time(run.started_at),
+                pg_time(run.completed_at),
                 run.table_name,
                 run.records_synced,
                 run.records_failed,
