@@ -339,14 +339,21 @@ async def _freshness_run(
     data = work / f"fresh-{wake_delay:g}"
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir()
+    quiet = data / "watched"  # an empty directory: the file watcher runs (its queue is the
+    quiet.mkdir()  # store's), but the rows come from this benchmark
     config_path = write_config(
         work, data / "file_changes.db", "file_change_events",
         "data_sync:\n  start_jitter_seconds: 0\n"
         f"  wake_delay_seconds: {wake_delay}\n",
     )  # fmt: skip
+    text = config_path.read_text().replace(
+        "  filesystem:\n    enabled: false\n",
+        f"  filesystem:\n    enabled: true\n    roots: [{quiet}]\n",
+    )
+    config_path.write_text(text)
     os.environ["HOST_AGENT_DATABASE_POSTGRES_URL"] = pg.url("fresh")
     config = load_config(config_path)
-    configure_logging("json", "warning")
+    configure_logging("warning", "json")
     agent = Agent(config)
     stop = asyncio.Event()
     running = asyncio.ensure_future(agent.run(stop))
