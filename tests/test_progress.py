@@ -3,7 +3,8 @@
 `sync --once` on a terminal (a real pseudo-terminal here) draws a progress line per table
 that redraws in place: rows shipped of the backlog, rows/s, time left. Without a terminal, or
 with `--no-progress`, nothing of it is written; a run that lasts longer than 10 s logs a
-`sync.progress` event every 10 s instead (a real slow link: the proxy passes 40 KB/s).
+`sync.progress` event every 10 s instead (a real slow link: the proxy passes 40 KB/s), and
+`status` estimates a backlog's time to drain at the last measured rate.
 """
 
 from __future__ import annotations
@@ -122,6 +123,17 @@ def test_without_a_terminal_or_with_no_progress_nothing_of_it_is_written(
     assert _unsynced(data) == 0
     for text in (piped.stdout, piped.stderr):
         assert "\r" not in text and "rows/s" not in text and "%|" not in text
+
+    # `status` estimates how long a new backlog takes at the rate that run measured.
+    bulk_file_events(data / "file_changes.db", 5_000, start=ROWS)
+    shown = run_agent(config, "status", "--json", env=agent_env(), cwd=tmp_path)
+    files = json.loads(shown.stdout)["tables"]["file_change_events"]
+    assert files["unsynced"] == 5_000
+    rate = files["rows_per_second"]
+    assert rate > 0 and files["rate_measured_at"]
+    assert files["drain_seconds_estimate"] == round(5_000 / rate)
+    text = run_agent(config, "status", env=agent_env(), cwd=tmp_path).stdout
+    assert f"at {rate:,} rows/s" in text and "time to ship them: about" in text
 
     more = tmp_path / "more"
     bulk_file_events(more / "file_changes.db", 2_000)

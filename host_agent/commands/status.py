@@ -39,12 +39,19 @@ def _table_status(path: Path, table: LocalTable, now: float) -> dict[str, Any]:
     finally:
         conn.close()
     oldest = backlog.oldest_unsynced
+    rate = state.rows_per_second
     return {
         "store_id": store_id,
         "rows": backlog.rows,
         "unsynced": backlog.unsynced,
         "oldest_unsynced_age_seconds": None if oldest is None else max(0, round(now - oldest)),
         "quarantined": backlog.quarantined,
+        # The backlog's time to drain at the last rate measured (a run of 1,000 rows or more).
+        "rows_per_second": None if rate is None else round(rate),
+        "rate_measured_at": iso(state.rate_measured_at),
+        "drain_seconds_estimate": (
+            round(backlog.unsynced / rate) if rate and backlog.unsynced else None
+        ),
         "quarantined_rows": [
             {"row_id": row_id, "error": error, "rejected_at": iso(when)}
             for row_id, error, when in rejected
@@ -108,6 +115,14 @@ def collect_status(config: AgentConfig) -> dict[str, Any]:
     }
 
 
+def _duration(seconds: int) -> str:
+    if seconds < 90:
+        return f"{max(1, seconds)} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The same data for a person."""
     agent = status["agent"]
@@ -142,6 +157,11 @@ def render_status(status: dict[str, Any]) -> str:
             f"  unsynced rows:     {t['unsynced']}"
             + (f" (oldest {age}s old)" if age is not None else "")
         )
+        if t["drain_seconds_estimate"] is not None:
+            lines.append(
+                f"  time to ship them: about {_duration(t['drain_seconds_estimate'])} at "
+                f"{t['rows_per_second']:,} rows/s (the rate of {t['rate_measured_at']})"
+            )
         lines.append(f"  quarantined rows:  {t['quarantined']}")
         for row in t["quarantined_rows"]:
             lines.append(f"    row {row['row_id']}: {row['error']}")

@@ -59,6 +59,7 @@ class Outcome:
     status: str
     error: str | None
     succeeded_at: float | None  # set when the run had no error
+    rows_per_second: float | None = None  # measured on a run that shipped enough rows
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class SyncState:
     consecutive_failures: int
     backoff_seconds: float
     next_attempt_at: float | None
+    rows_per_second: float | None = None  # the last rate measured (for an estimate)
+    rate_measured_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,11 @@ def save_outcome(conn: sqlite3.Connection, outcome: Outcome) -> None:
         "last_success_at = coalesce(?, last_success_at) WHERE id = 1",
         (outcome.attempted_at, outcome.status, outcome.error, outcome.succeeded_at),
     )
+    if outcome.rows_per_second is not None:
+        conn.execute(
+            "UPDATE sync_state SET rows_per_second = ?, rate_measured_at = ? WHERE id = 1",
+            (outcome.rows_per_second, outcome.attempted_at),
+        )
 
 
 def save_schedule(conn: sqlite3.Connection, schedule: Schedule) -> None:
@@ -170,7 +178,8 @@ def forget_runs(conn: sqlite3.Connection, up_to_id: int) -> None:
 def read_state(conn: sqlite3.Connection) -> SyncState:
     row = conn.execute(
         "SELECT last_attempt_at, last_success_at, last_status, last_error, "
-        "consecutive_failures, backoff_seconds, next_attempt_at FROM sync_state WHERE id = 1"
+        "consecutive_failures, backoff_seconds, next_attempt_at, rows_per_second, "
+        "rate_measured_at FROM sync_state WHERE id = 1"
     ).fetchone()
     if row is None:
         return SyncState(None, None, None, None, 0, 0.0, None)

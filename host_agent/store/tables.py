@@ -137,6 +137,17 @@ def _store_identity(table: str) -> tuple[Step, ...]:
     )
 
 
+_SYNC_RATE = Migration(
+    # The rate of the last run that shipped enough rows to measure one, for the estimate of
+    # how long a backlog takes to drain (`host-agent status`).
+    "0006_sync_rate",
+    (
+        _add_column_if_missing("sync_state", "rows_per_second", "REAL"),
+        _add_column_if_missing("sync_state", "rate_measured_at", "REAL"),
+    ),
+)
+
+
 _EXPORT_JOURNAL = Migration(
     # Bundles exported to be carried to the server (`host-agent export`), so that `ack` marks
     # exactly what a receipt says the server took: the rows of that range, at the versions
@@ -199,6 +210,7 @@ DESKTOP_ACTIVITY = LocalTable(
         Migration("0003_sync_bookkeeping", _sync_bookkeeping("desktop_activity_sessions")),
         Migration("0004_store_identity", _store_identity("desktop_activity_sessions")),
         _EXPORT_JOURNAL,
+        _SYNC_RATE,
     ),
 )
 
@@ -243,6 +255,7 @@ FILE_CHANGES = LocalTable(
         ),
         Migration("0004_store_identity", _store_identity("file_change_events")),
         _EXPORT_JOURNAL,
+        _SYNC_RATE,
     ),
 )
 

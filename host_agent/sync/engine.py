@@ -44,6 +44,7 @@ T = TypeVar("T")
 LOGGED_REJECTIONS_PER_BATCH = 10
 HELD_RUNS_PER_TABLE = 1000  # run entries kept in memory while the local file refuses them
 QUICK_RETRY_POLICY = RetryPolicy(base=0.5, cap=5.0)
+RATE_MIN_ROWS = 1000  # a run shipping fewer says more about latency than about the rate
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TableResult:
     interrupted: bool = False  # stopped for shutdown with rows left to ship
     started_at: float = field(default_factory=time.time)
     completed_at: float | None = None
+    rows_per_second: float | None = None  # when it shipped enough rows to measure a rate
 
     @property
     def status(self) -> str:
@@ -93,6 +95,7 @@ class TableResult:
             status=record.status,
             error=record.error_message,
             succeeded_at=self.completed_at if self.error is None else None,
+            rows_per_second=self.rows_per_second,
         )
 
 
@@ -356,6 +359,8 @@ class SyncEngine:
         if progress is not None:
             progress.done = True
             self._report(progress)
+            if progress.shipped >= RATE_MIN_ROWS:
+                result.rows_per_second = progress.shipped / max(progress.elapsed, 1e-3)
         return result
 
     def _report(self, progress: TableProgress) -> None:
