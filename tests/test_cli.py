@@ -71,7 +71,7 @@ def test_init_db_sync_and_status_through_the_cli_never_show_the_password(
     assert first.returncode == 0, first.stderr
     assert run("init-db").returncode == 0  # idempotent
     versions = pg_fetch_sync(url, "SELECT version FROM schema_version ORDER BY version")
-    assert [r["version"] for r in versions] == [1, 2, 3, 4]
+    assert [r["version"] for r in versions] == [1, 2, 3, 4, 5]
 
     insert_file_events(tmp_path / "file_changes.db", [file_event(i) for i in range(10)])
     synced = run("sync", "--once")

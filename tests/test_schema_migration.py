@@ -109,7 +109,7 @@ def test_an_existing_server_and_store_keep_their_rows_and_identity_through_the_u
     cli(tmp_path, url, "old", "init-db")
 
     versions = pg_fetch_sync(url, "SELECT version FROM schema_version ORDER BY 1")
-    assert [r["version"] for r in versions] == [1, 2, 3, 4]
+    assert [r["version"] for r in versions] == [1, 2, 3, 4, 5]
     partitioned = pg_fetch_sync(
         url, "SELECT partrelid::regclass::text AS t FROM pg_partitioned_table ORDER BY 1"
     )

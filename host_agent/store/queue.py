@@ -17,6 +17,10 @@ grace is dropped the same way (reason `shutdown`).
 
 A row SQLite itself refuses (a constraint: a collector's bug) is isolated and dropped with an
 error line; the rest of the batch is written.
+
+Beside its rows, an insert may carry each row's effect on the file watcher's snapshot
+(`store.snapshot.Change`): written in the row's transaction, after it, and only when the row
+itself is written; a dropped or refused row takes its effect with it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from host_agent.errors import StoreClosed, StoreError
 from host_agent.retry import Backoff, RetryPolicy
 from host_agent.store.faults import is_row_error
 from host_agent.store.retention import SizeLimit
+from host_agent.store.snapshot import Change
 from host_agent.store.tables import LocalTable
 from host_agent.store.writer import Row, RowWriter
 
@@ -61,6 +66,7 @@ class RowRef:
 class _Insert:
     rows: list[Row]
     refs: list[RowRef]
+    snapshot: list[Change | None] | None = None  # per row, when given
 
 
 @dataclass(eq=False)
@@ -133,21 +139,33 @@ class WriteQueue:
     def buffered_rows(self) -> int:
         return self._buffered
 
+    @property
+    def room(self) -> int:
+        """How many more inserted rows would be accepted now."""
+        return max(0, self.max_buffered_rows - self._buffered)
+
     def start(self) -> None:
         self._thread.start()
 
     # --- collectors' side ---------------------------------------------------------------------
 
-    def insert_many(self, rows: Sequence[Row]) -> list[RowRef]:
+    def insert_many(
+        self, rows: Sequence[Row], *, snapshot: Sequence[Change | None] | None = None
+    ) -> list[RowRef]:
+        """Queue `rows`; `snapshot`, if given, holds each row's effect on the file watcher's
+        snapshot (None for none), written with the row."""
         refs = [RowRef() for _ in rows]
         if not rows:
             return refs
+        if snapshot is not None and len(snapshot) != len(rows):
+            raise ValueError("one snapshot change (or None) per row")
         with self._cond:
             self._check_open()
             room = max(0, self.max_buffered_rows - self._buffered)
             accepted = list(rows[:room])
             if accepted:
-                self._ops.append(_Insert(accepted, refs[:room]))
+                effects = list(snapshot[:room]) if snapshot is not None else None
+                self._ops.append(_Insert(accepted, refs[:room], effects))
                 self._buffered += len(accepted)
                 self._cond.notify()
         if len(accepted) < len(rows):
@@ -287,7 +305,11 @@ class WriteQueue:
     @staticmethod
     def _singles(op: _Op) -> list[_Op]:
         if isinstance(op, _Insert):
-            return [_Insert([row], [ref]) for row, ref in zip(op.rows, op.refs, strict=True)]
+            effects = op.snapshot if op.snapshot is not None else [None] * len(op.rows)
+            return [
+                _Insert([row], [ref], [effect])
+                for row, ref, effect in zip(op.rows, op.refs, effects, strict=True)
+            ]
         return [_Update([change]) for change in op.changes]
 
     def _apply(self, ops: list[_Op]) -> None:
@@ -299,10 +321,17 @@ class WriteQueue:
             with self.writer.transaction() as tx:
                 for op in ops:
                     if isinstance(op, _Insert):
-                        for ref, row_id in zip(op.refs, tx.insert(op.rows), strict=True):
+                        ids = tx.insert(op.rows)
+                        for ref, row_id in zip(op.refs, ids, strict=True):
                             ref.id = row_id
                             ref.refused = row_id is None
                             inserted.append(ref)
+                        if op.snapshot is not None:
+                            tx.apply_snapshot([
+                                effect
+                                for effect, row_id in zip(op.snapshot, ids, strict=True)
+                                if effect is not None and row_id is not None
+                            ])
                     else:
                         tx.update(
                             [(ref.id, values) for ref, values in op.changes if ref.id is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import structlog
 
 from host_agent.errors import StoreClosed
+from host_agent.store import snapshot
 from host_agent.store.connection import connect, rollback_quietly
 from host_agent.store.faults import store_errors
 from host_agent.store.migrations import prepare_file
@@ -174,6 +176,12 @@ class Transaction:
             ids.append(cur.lastrowid)
         self.inserted += allowed
         return ids + [None] * (len(rows) - allowed)
+
+    def apply_snapshot(self, changes: Sequence[snapshot.Change]) -> None:
+        """The file watcher's snapshot follows rows inserted in this transaction
+        (`store.snapshot`), so it never says more or less than the committed rows."""
+        if changes:
+            snapshot.apply(self._conn, changes, time.time())
 
     def update(self, changes: Sequence[tuple[int, Row]]) -> None:
         """Set columns of existing rows: (row id, column -> value)."""

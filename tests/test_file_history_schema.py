@@ -1,0 +1,86 @@
+"""Server schema version 5 (sql/06_file_history.sql) on a real PostgreSQL: an existing server on
+version 4, holding rows, gains previous_path, previous_path_raw and found_at_start on the
+partitioned table and every partition, its rows untouched; applying it again changes nothing;
+an agent needs it before it ships."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+from support.agent_process import agent_env, run_agent, write_config
+from support.data import file_event, insert_file_events, pg_fetch_sync
+
+from host_agent.sync.postgres.schema import REQUIRED_SCHEMA_VERSION, schema_files
+
+NEW_COLUMNS = {"previous_path": "text", "previous_path_raw": "bytea", "found_at_start": "bool"}
+
+
+async def apply_up_to(url: str, last: str) -> None:
+    """The schema files up to `last`, as a server set up by an earlier agent has them."""
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=0)
+    try:
+        for path in schema_files():
+            if path.name > last:
+                break
+            await conn.execute(path.read_text(encoding="utf-8"))
+        await conn.execute(
+            "INSERT INTO file_change_events (host_identifier, store_id, source_id, row_version, "
+            "event_time, event_type, file_path, file_name, monitored_root, created_at) "
+            "VALUES ('old-host', '00000000-0000-0000-0000-000000000000', 1, 0, now(), "
+            "'moved', '/r/b', 'b', '/r', now())"
+        )
+    finally:
+        await conn.close()
+
+
+def columns_of(url: str, table: str) -> dict[str, tuple[str, bool]]:
+    rows = pg_fetch_sync(
+        url,
+        "SELECT a.attname, t.typname, a.attnotnull FROM pg_attribute a "
+        "JOIN pg_type t ON t.oid = a.atttypid "
+        "WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        table,
+    )
+    return {r["attname"]: (r["typname"], r["attnotnull"]) for r in rows}
+
+
+def test_version_5_upgrades_an_existing_server_in_place(pg_database: str, tmp_path: Path) -> None:
+    url = pg_database
+    asyncio.run(apply_up_to(url, "05_host_roles.sql"))
+    assert REQUIRED_SCHEMA_VERSION == 5
+    config = write_config(tmp_path / "config.yaml", url=url, data_dir=tmp_path / "data")
+    insert_file_events(tmp_path / "data" / "file_changes.db", [file_event(0)])
+    refused = run_agent(config, "sync", "--once", env=agent_env(), cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "schema version is 4, this agent needs 5" in refused.stdout + refused.stderr
+
+    for _ in range(2):  # applying it again is a no-op
+        result = run_agent(config, "init-db", env=agent_env(), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    versions = pg_fetch_sync(url, "SELECT version FROM schema_version ORDER BY version")
+    assert [r["version"] for r in versions] == [1, 2, 3, 4, 5]
+    partitions = [
+        r["name"]
+        for r in pg_fetch_sync(
+            url,
+            "SELECT inhrelid::regclass::text AS name FROM pg_inherits "
+            "WHERE inhparent = 'file_change_events'::regclass",
+        )
+    ]
+    assert "file_change_events_default" in partitions and len(partitions) >= 2
+    for table in ["file_change_events", *partitions]:
+        columns = columns_of(url, table)
+        assert {c: columns[c][0] for c in NEW_COLUMNS} == NEW_COLUMNS, table
+        assert columns["found_at_start"][1] and not columns["previous_path"][1]
+    [old] = pg_fetch_sync(
+        url, "SELECT previous_path, previous_path_raw, found_at_start FROM file_change_events"
+    )
+    assert (old["previous_path"], old["previous_path_raw"], old["found_at_start"]) == (
+        None,
+        None,
+        False,
+    )
+    shipped = run_agent(config, "sync", "--once", env=agent_env(), cwd=tmp_path)
+    assert shipped.returncode == 0, shipped.stderr
