@@ -163,6 +163,8 @@ class EventProcessor:
         except StoreError as exc:
             self._log.warning("fs.snapshot_unreadable", root=root.text, error=str(exc))
             old = SnapshotReader.empty(root.path)
+        if not present:
+            self.tree.await_root(root)
         try:
             if not present:
                 found = root_gone(root, old, scan_time=scan_time)

@@ -89,7 +89,19 @@ class WatchedTree:
     def retry_root(self, root: Root) -> None:
         if os.path.isdir(root.path):
             self._log.info("fs.root_watched", root=root.text)
-            self.watch_root(root, record=True)
+            if self.watch_root(root, record=True):
+                parent = os.path.dirname(root.path)
+                if not any(not r.watched and os.path.dirname(r.path) == parent
+                           for r in self.roots):
+                    self._watches.unwatch_parent(parent)
+
+    def await_root(self, root: Root) -> None:
+        """`root` is missing: besides the retry every `retry_seconds`, its parent directory's
+        watch says when something of its name appears there."""
+        parent = os.path.dirname(root.path)
+        if parent != root.path:
+            self._watches.watch_parent(parent)
+        self.retry_root(root)  # it may have come back before the watch was there
 
     def _root_lost(self, root: Root, how: str) -> None:
         now, wall = time.monotonic(), self._clock()
@@ -98,7 +110,14 @@ class WatchedTree:
         )
         root.watched = False
         self._snapshot.forget(root.path, record=True, mono=now, wall=wall)
-        self.retry_root(root)
+        self.await_root(root)
+
+    def _parent_event(self, parent: bytes, name: bytes) -> None:
+        """Something appeared in the directory holding missing roots."""
+        path = join(parent, name)
+        for root in self.roots:
+            if not root.watched and root.path == path:
+                self.retry_root(root)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -107,6 +126,9 @@ class WatchedTree:
         mask = event.mask
         directory = self._watches.path_of(event.wd)
         if directory is None:
+            holder = self._watches.parent_path(event.wd)
+            if holder is not None and event.name:
+                self._parent_event(holder, event.name)
             return
         parent = self._snapshot.dirs.get(directory)
         if parent is None:
