@@ -1,19 +1,25 @@
 """Server schema version 5 (sql/06_file_history.sql) on a real PostgreSQL: an existing server on
 version 4, holding rows, gains previous_path, previous_path_raw and found_at_start on the
 partitioned table and every partition, its rows untouched; applying it again changes nothing;
-an agent needs it before it ships."""
+an agent needs it before it ships. Rows shipped to it replay to the disk."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
-from support.agent_process import agent_env, run_agent, write_config
+from support.agent_process import AgentProcess, agent_env, run_agent, wait_until, write_config
 from support.data import file_event, insert_file_events, pg_fetch_sync
 
 from host_agent.sync.postgres.schema import REQUIRED_SCHEMA_VERSION, schema_files
 
+REPLAY_CHECK = Path(__file__).resolve().parents[1] / "scripts" / "replay_check.py"
 NEW_COLUMNS = {"previous_path": "text", "previous_path_raw": "bytea", "found_at_start": "bool"}
 
 
@@ -84,3 +90,61 @@ def test_version_5_upgrades_an_existing_server_in_place(pg_database: str, tmp_pa
     )
     shipped = run_agent(config, "sync", "--once", env=agent_env(), cwd=tmp_path)
     assert shipped.returncode == 0, shipped.stderr
+
+
+def test_rows_shipped_to_postgres_replay_to_the_disk(schema_url: str, tmp_path: Path) -> None:
+    """A real agent records moves and a start scan's findings, ships them, and replaying the
+    server's rows (scripts/replay_check.py --postgres) gives the disk; previous_path and
+    found_at_start arrive as they were written."""
+    root = tmp_path / "watched"
+    (root / "dir").mkdir(parents=True)
+    for i in range(5):
+        (root / "dir" / f"f{i}.txt").write_text(str(i))
+    (root / "a.txt").write_text("a")
+    config = write_config(
+        tmp_path / "config.yaml",
+        url=schema_url,
+        data_dir=tmp_path / "data",
+        host="history-host",
+        data_sync={"interval_seconds": 3600, "wake_delay_seconds": 0.3},
+        collectors={"filesystem": {"enabled": True, "roots": [str(root)], "coalesce_ms": 100}},
+    )
+    with AgentProcess(config, "run", env=agent_env(), workdir=tmp_path) as agent:
+        wait_until(
+            lambda: pg_fetch_sync(schema_url, "SELECT 1 FROM file_change_events WHERE "
+                                  "file_name = 'a.txt'") or agent.poll() is not None,
+            30,
+            "the start scan's rows on the server",
+        )
+        os.rename(root / "a.txt", root / "b.txt")
+        os.rename(root / "dir", root / "dir2")
+        wait_until(
+            lambda: len(pg_fetch_sync(schema_url, "SELECT 1 FROM file_change_events WHERE "
+                                      "event_type = 'moved'")) == 2 or agent.poll() is not None,
+            30,
+            "the moves on the server",
+        )
+        agent.send(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, agent.output()
+
+    moved = pg_fetch_sync(
+        schema_url,
+        "SELECT file_name, previous_path, found_at_start FROM file_change_events "
+        "WHERE event_type = 'moved' ORDER BY file_name",
+    )
+    assert [(r["file_name"], r["previous_path"], r["found_at_start"]) for r in moved] == [
+        ("b.txt", str(root / "a.txt"), False),
+        ("dir2", str(root / "dir"), False),
+    ]
+    found = pg_fetch_sync(
+        schema_url, "SELECT count(*) AS n FROM file_change_events WHERE found_at_start"
+    )
+    assert found[0]["n"] == 7  # a.txt, dir and its five files: there at the first start
+    check = subprocess.run(
+        [sys.executable, str(REPLAY_CHECK), str(root), "--postgres", schema_url,
+         "--host", "history-host", "--json"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    verdict = json.loads(check.stdout)
+    assert (verdict["phantom"], verdict["missing"], verdict["on_disk"]) == ([], [], 7)
