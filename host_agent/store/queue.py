@@ -19,8 +19,11 @@ A row SQLite itself refuses (a constraint: a collector's bug) is isolated and dr
 error line; the rest of the batch is written.
 
 Beside its rows, an insert may carry each row's effect on the file watcher's snapshot
-(`store.snapshot.Change`): written in the row's transaction, after it, and only when the row
-itself is written; a dropped or refused row takes its effect with it.
+(`store.snapshot.Change`). Effects are written only for rows that were written (a dropped or
+refused row takes its effect with it), in order, in a transaction of their own right after
+the rows' one; while more rows wait (a burst), they wait too, up to `MAX_DEFERRED_EFFECTS`, so
+the rows, which are the record, are never slowed by them. The snapshot may thus lag the rows
+(a crash in a burst costs the next start scan some repeated rows) but is never ahead of them.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from host_agent.store.writer import Row, RowWriter
 log = structlog.get_logger("host_agent.store")
 
 DEFAULT_MAX_BUFFERED_ROWS = 100_000
+MAX_DEFERRED_EFFECTS = 100_000  # snapshot effects kept back while rows wait, at most
 MAX_ROWS_PER_TRANSACTION = 10_000
 REASON_BUFFER_FULL = "buffer_full"
 REASON_SHUTDOWN = "shutdown"
@@ -97,6 +101,7 @@ class WriteQueue:
         self._cond = threading.Condition()
         self._buffered = 0  # rows of queued inserts
         self._writing = False
+        self._effects: list[Change] = []  # of written rows, not yet written themselves
         self._closing = False
         self._closed = False
         self._stop_retrying = threading.Event()
@@ -198,7 +203,7 @@ class WriteQueue:
         """Wait until everything handed over so far is written; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._ops or self._writing:
+            while self._ops or self._writing or self._effects:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -234,12 +239,12 @@ class WriteQueue:
 
     def _take(self) -> list[_Op] | None:
         """The ops at the head of the queue for one transaction (left queued until written);
-        None when closing with nothing left."""
+        none when only snapshot effects wait; None when closing with nothing left."""
         with self._cond:
-            while not self._ops and not self._closing:
+            while not self._ops and not self._closing and not self._effects:
                 self._cond.wait()
             if not self._ops:
-                return None
+                return [] if self._effects else None
             taken: list[_Op] = []
             rows = 0
             for op in self._ops:
@@ -266,6 +271,14 @@ class WriteQueue:
             ops = self._take()
             if ops is None:
                 return
+            if not ops:
+                try:
+                    self._write_effects()
+                except StoreError as exc:
+                    self._failed(exc)  # kept; tried again after the backoff
+                    if self._stop_retrying.wait(backoff.failed()):
+                        return
+                continue
             try:
                 self._write(ops)
             except StoreError as exc:
@@ -287,6 +300,26 @@ class WriteQueue:
             backoff.succeeded()
             self._recovered()
             self._done(ops)
+            if len(self._effects) >= MAX_DEFERRED_EFFECTS:
+                try:
+                    self._write_effects()
+                except StoreError as exc:
+                    self._failed(exc)  # kept; tried again once no rows wait
+
+    def _write_effects(self) -> None:
+        """The snapshot effects of the rows written so far, in one transaction (the rows'
+        own thread, so they can never overtake the rows)."""
+        with self._cond:
+            self._writing = True
+        try:
+            with self.writer.transaction() as tx:
+                tx.apply_snapshot(self._effects)
+            self._effects = []
+            self._recovered()
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
     def _write(self, ops: list[_Op]) -> None:
         try:
@@ -317,6 +350,7 @@ class WriteQueue:
         update queued behind the insert of its row finds the id in the same transaction;
         if the transaction fails, the refs are reset with it."""
         inserted: list[RowRef] = []
+        effects: list[Change] = []
         try:
             with self.writer.transaction() as tx:
                 for op in ops:
@@ -327,11 +361,11 @@ class WriteQueue:
                             ref.refused = row_id is None
                             inserted.append(ref)
                         if op.snapshot is not None:
-                            tx.apply_snapshot([
+                            effects += [
                                 effect
                                 for effect, row_id in zip(op.snapshot, ids, strict=True)
                                 if effect is not None and row_id is not None
-                            ])
+                            ]
                     else:
                         tx.update(
                             [(ref.id, values) for ref, values in op.changes if ref.id is not None]
@@ -340,6 +374,7 @@ class WriteQueue:
             for ref in inserted:
                 ref.id, ref.refused = None, False
             raise
+        self._effects += effects
         self.rows_written += sum(1 for ref in inserted if ref.id is not None)
 
     def _refused(self, op: _Op, exc: BaseException) -> None:

@@ -62,6 +62,8 @@ class RowWriter:
         self.limit = limit
         self._on_drop = on_drop
         self.dropped_rows = 0
+        # INSERT statements by column names: collectors send the same few shapes every time.
+        self.statements: dict[tuple[str, ...], str] = {}
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
         self._closed = False
@@ -166,12 +168,16 @@ class Transaction:
                 for row in rows[allowed:]
             ]
         ids: list[int | None] = []
+        statements = self._writer.statements
         for row in rows[:allowed]:
-            columns = ", ".join(row)
-            marks = ", ".join("?" for _ in row)
-            cur = conn.execute(
-                f"INSERT INTO {table.name} ({columns}) VALUES ({marks})", tuple(row.values())
-            )
+            key = tuple(row)
+            sql = statements.get(key)
+            if sql is None:
+                marks = ", ".join("?" for _ in key)
+                sql = statements[key] = (
+                    f"INSERT INTO {table.name} ({', '.join(key)}) VALUES ({marks})"
+                )
+            cur = conn.execute(sql, tuple(row.values()))
             assert cur.lastrowid is not None
             ids.append(cur.lastrowid)
         self.inserted += allowed

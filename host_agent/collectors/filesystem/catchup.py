@@ -251,7 +251,7 @@ class Comparison:
         )
 
     def _changed(self, kind: str, path: bytes, flags: int) -> tuple[bytes, Pending]:
-        st = self._stat(path)
+        st = self._stats.get(path) if path in self._stats else _lstat(path)
         at = self._when(st.st_mtime) if st is not None else self._scan_time
         return path, self._pending(kind, at, is_dir=bool(flags & DIR), was_link=bool(flags & LINK))
 
@@ -266,12 +266,19 @@ class Comparison:
             )
         rows += [self._deleted(g) for g in self._originals if not g.done and g.rekeyed]
         for path in self._modified:
-            st = self._stat(path)
+            st = _lstat(path)
             flags = LINK if st is not None and stat.S_ISLNK(st.st_mode) else 0
             rows.append(self._changed(MODIFIED, path, flags))
         rows += [self._changed(CREATED, p, self._added[p]) for p in sorted(self._added)]
         return rows
 
+
+
+def _lstat(path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def root_gone(root: Root, old: SnapshotReader, *, scan_time: float) -> list[tuple[bytes, Pending]]:

@@ -62,7 +62,7 @@ DELETED = "deleted"
 MOVED = "moved"
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A row not yet written: the kind of change that stands for the window so far."""
 

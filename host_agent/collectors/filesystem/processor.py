@@ -42,7 +42,8 @@ from host_agent.collectors.filesystem.watches import WatchSet
 from host_agent.collectors.filesystem.writer import Built, Found, RowHandoff
 from host_agent.config import FilesystemCollectorConfig
 from host_agent.errors import StoreError
-from host_agent.store.snapshot import SnapshotReader
+from host_agent.store.snapshot import Change, SnapshotReader
+from host_agent.store.writer import Row
 
 FENCE_SECONDS = 2.0
 BURST_EVENTS = 4096
@@ -89,7 +90,8 @@ class EventProcessor:
             clock=clock,
             retry_seconds=retry_seconds,
         )
-        self._finished: list[Built] = []
+        self._finished: list[Row] = []
+        self._effects: list[Change] = []  # each finished row's snapshot change
         batches.build = self._build
         self.found_at_start = 0  # changes the start scans found
         self._next_retry = 0.0
@@ -261,7 +263,8 @@ class EventProcessor:
         """The coalescer's output: a row for `pending`, stat'ed now."""
         built = self._build(path, pending)
         if built is not None:
-            self._finished.append(built)
+            self._finished.append(built[0])
+            self._effects.append(built[1])
 
     def _build(self, path: bytes, pending: Pending) -> Built | None:
         """The row for `pending` at `path` and its effect on the persistent snapshot."""
@@ -277,8 +280,8 @@ class EventProcessor:
 
     def _send(self) -> None:
         if self._finished:
-            self._batches.send(self._finished)
-            self._finished = []
+            self._batches.send(self._finished, self._effects)
+            self._finished, self._effects = [], []
 
     # --- stopping --------------------------------------------------------------------------
 

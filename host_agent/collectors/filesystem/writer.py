@@ -4,10 +4,11 @@ The queue's own thread writes them in batches, each row with its effect on the p
 snapshot, and keeps them in memory while the file refuses writes, so the processor never waits
 for SQLite. Rows are handed over only as far as the queue has room; the rest wait here, in
 order. What the start scan found waits in its compact form (a path and its pending change)
-and becomes a row only when there is room for it, so a scan that finds many changes at once
-loses none to the queue's bound and costs little memory while it waits; rows seen as events
-queue up behind it, keeping the order. Past `max_held` event rows waiting (the file refused
-writes for long), everything is handed over and the queue drops what it cannot hold, loudly.
+and becomes a row only as the writer takes them (`FOUND_WATERMARK`), so a scan that finds
+many changes at once loses none to the queue's bound and costs little memory while it waits;
+rows seen as events queue up behind it, keeping the order. Past `max_held` event rows waiting
+(the file refused writes for long), everything is handed over and the queue drops what it
+cannot hold, loudly.
 At the stop, what the start scan found but could not hand over is left for the next start
 scan, which finds it again (the snapshot does not have it); event rows are handed over.
 
@@ -28,6 +29,9 @@ from host_agent.store.snapshot import Change
 from host_agent.store.writer import Row
 
 DEFAULT_MAX_HELD = 100_000
+# What the start scan found becomes rows only while fewer than this many wait in the queue:
+# at the writer's pace, so a first scan of 100,000 files never holds 100,000 rows in memory.
+FOUND_WATERMARK = 5_000
 
 Built = tuple[Row, Change]
 Build = Callable[[bytes, Pending], Built | None]
@@ -67,9 +71,12 @@ class RowHandoff:
         self._held.extend(changes)
         self.pump()
 
-    def send(self, rows: list[Built]) -> None:
-        """Hand rows over (each with its snapshot change), after those waiting."""
-        self._held.extend(rows)
+    def send(self, rows: list[Row], changes: list[Change]) -> None:
+        """Hand rows over, each with its snapshot change, after those waiting."""
+        if not self._held and len(rows) <= self.queue.room:
+            self._insert(rows, changes)  # the usual case: nothing waits, the queue has room
+            return
+        self._held.extend(zip(rows, changes, strict=True))
         self._held_rows += len(rows)
         self.pump()
 
@@ -80,7 +87,11 @@ class RowHandoff:
         room = len(self._held) if force else self.queue.room
         batch: list[Built] = []
         while self._held and len(batch) < room:
-            item = self._held.popleft()
+            item = self._held[0]
+            if isinstance(item, Found) and not force:
+                if self.queue.buffered_rows + len(batch) >= FOUND_WATERMARK:
+                    break
+            self._held.popleft()
             if isinstance(item, Found):
                 if stopping:
                     continue  # found again by the next start scan
@@ -90,14 +101,14 @@ class RowHandoff:
             else:
                 self._held_rows -= 1
                 batch.append(item)
-        if not batch:
-            return
+        if batch:
+            self._insert([row for row, _ in batch], [change for _, change in batch])
+
+    def _insert(self, rows: list[Row], changes: list[Change]) -> None:
         try:
-            self.queue.insert_many(
-                [row for row, _ in batch], snapshot=[change for _, change in batch]
-            )
+            self.queue.insert_many(rows, snapshot=changes)
         except StoreClosed:
             self.errors += 1
-            self._log.error("fs.rows_dropped", rows=len(batch), reason="the store is closed")
+            self._log.error("fs.rows_dropped", rows=len(rows), reason="the store is closed")
             return
-        self.rows_sent += len(batch)
+        self.rows_sent += len(rows)
