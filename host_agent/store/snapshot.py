@@ -5,13 +5,15 @@
                          to the root (bytes), kind, and size, mtime and inode when last seen
     file_snapshot_roots  per root, when its snapshot was last brought up to date
 
-What it holds is, by construction, the replay of the root's rows: every row's effect (`apply`)
-is written in the same transaction as the row, by the store's write queue, and follows the
-replay rule (`host_agent.collectors.filesystem.replay`): created/modified put the path,
-deleted removes exactly that path, moved takes the source and everything below it to the
-destination. A row the queue drops (buffer full, size cap) takes its effect with it, so the
-snapshot never claims what no row says. The watcher's start scan compares the disk with it
-(`SnapshotReader`) and records the difference.
+What it holds is, by construction, the replay of a prefix of the root's rows: every row's
+effect (`apply`) follows the replay rule (`host_agent.collectors.filesystem.replay`):
+created/modified put the path, deleted removes exactly that path, moved takes the source and
+everything below it to the destination; the store's write queue writes the effects of written
+rows only, in order, right after them (later, in a burst). A row the queue drops (buffer full,
+size cap) takes its effect with it, so the snapshot never claims what no row says; it may lag
+the rows, never lead them. The watcher's start scan compares the disk with it
+(`SnapshotReader`) and records the difference: what a lagging snapshot misses is recorded once
+more, which replays harmlessly.
 
 Writes happen inside the caller's transaction; reads open their own read-only connection.
 Every function blocks.

@@ -16,9 +16,9 @@ later migrations with defaults, so an INSERT naming only the documented columns 
 - `store_identity`: the store's random identity, part of every row's key on the server.
 
 The file-changes file also holds the file watcher's persistent snapshot (`file_snapshot`,
-`file_snapshot_roots`; SQL in `store/snapshot.py`): what the rows say is on disk, written in
-the same transaction as the rows, so the watcher's start scan can record what changed while it
-was not running.
+`file_snapshot_roots`; SQL in `store/snapshot.py`): what the rows say is on disk, written by
+the same write queue right after the rows, so the watcher's start scan can record what changed
+while it was not running.
 """
 
 from __future__ import annotations
