@@ -80,7 +80,8 @@ def test_relative_paths() -> None:
 
 def random_history(seed: int, steps: int) -> list[Change]:
     """Rows a watcher could write: files and directories made, changed, moved (directories
-    with their contents), deleted, names not valid UTF-8 among them."""
+    with their contents), deleted, names not valid UTF-8 among them. Some paths may already
+    exist (a later history on the same root): every step stays consistent with the replay."""
     rng = random.Random(seed)
     present: dict[bytes, int] = {}  # path -> kind
     history: list[Change] = []
@@ -128,9 +129,10 @@ def random_history(seed: int, steps: int) -> list[Change]:
 
 
 def test_the_snapshot_is_the_replay_of_its_rows(tmp_path: Path) -> None:
-    """Row by row, through the write queue: the snapshot always holds what replaying the rows
-    gives (store/snapshot.py and collectors/filesystem/replay.py state one rule twice)."""
-    for seed in range(8):
+    """Row by row, through the write queue: the snapshot holds what replaying the rows gives
+    (store/snapshot.py and collectors/filesystem/replay.py state one rule twice), folded or
+    not: a log left unfolded (a killed agent) is applied by the reader."""
+    for seed in range(4):
         db = tmp_path / f"file_changes_{seed}.db"
         history = random_history(seed, 300)
         queue = WriteQueue.start_for(db, FILE_CHANGES)
@@ -138,14 +140,32 @@ def test_the_snapshot_is_the_replay_of_its_rows(tmp_path: Path) -> None:
             batch = history[start : start + 17]
             queue.insert_many([row_for(c) for c in batch], snapshot=batch)
         assert queue.flush(30)
-        queue.close()
+        queue.close()  # folds the log
         expected = replay(Replayed(c.event_type, c.path, c.previous_path) for c in history)
         conn = sqlite3.connect(db)
         try:
-            snapshot = read_all(conn, ROOT)
+            assert not conn.execute("SELECT count(*) FROM file_snapshot_log").fetchone()[0]
+            assert {ROOT + b"/" + p for p in read_all(conn, ROOT)} == expected, seed
         finally:
             conn.close()
-        assert {ROOT + b"/" + p for p in snapshot} == expected, seed
+
+        # More rows, their effects logged and never folded, as when the agent is killed.
+        more = random_history(seed + 100, 100)
+        writer = RowWriter(db, FILE_CHANGES)
+        with writer.transaction() as tx:
+            tx.insert([row_for(c) for c in more])
+            tx.log_snapshot(more)
+        writer.close()
+        expected = replay(
+            Replayed(c.event_type, c.path, c.previous_path) for c in [*history, *more]
+        )
+        reader = SnapshotReader(db, ROOT)
+        try:
+            assert {ROOT + b"/" + p for p, _ in reader.below(b"")} == expected, seed
+            top = {p for p in expected if p.count(b"/") == ROOT.count(b"/") + 1}
+            assert {ROOT + b"/" + name for name in reader.children(b"")} == top
+        finally:
+            reader.close()
 
 
 def test_the_reader_sees_directories_and_what_lies_below(tmp_path: Path) -> None:

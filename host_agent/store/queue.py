@@ -19,11 +19,10 @@ A row SQLite itself refuses (a constraint: a collector's bug) is isolated and dr
 error line; the rest of the batch is written.
 
 Beside its rows, an insert may carry each row's effect on the file watcher's snapshot
-(`store.snapshot.Change`). Effects are written only for rows that were written (a dropped or
-refused row takes its effect with it), in order, in a transaction of their own right after
-the rows' one; while more rows wait (a burst), they wait too, up to `MAX_DEFERRED_EFFECTS`, so
-the rows, which are the record, are never slowed by them. The snapshot may thus lag the rows
-(a crash in a burst costs the next start scan some repeated rows) but is never ahead of them.
+(`store.snapshot.Change`): logged in the row's transaction, and only when the row itself is
+written; a dropped or refused row takes its effect with it. Once no new rows came for
+`FOLD_QUIET_SECONDS` (or `FOLD_AT` effects are logged), the log is folded into the snapshot
+in transactions of its own (`store.snapshot.fold`), and at `close`.
 """
 
 from __future__ import annotations
@@ -50,7 +49,8 @@ from host_agent.store.writer import Row, RowWriter
 log = structlog.get_logger("host_agent.store")
 
 DEFAULT_MAX_BUFFERED_ROWS = 100_000
-MAX_DEFERRED_EFFECTS = 100_000  # snapshot effects kept back while rows wait, at most
+FOLD_QUIET_SECONDS = 0.2  # no new rows for this long: the snapshot's log is folded
+FOLD_AT = 100_000  # logged effects folded even while rows keep coming
 MAX_ROWS_PER_TRANSACTION = 10_000
 REASON_BUFFER_FULL = "buffer_full"
 REASON_SHUTDOWN = "shutdown"
@@ -101,7 +101,8 @@ class WriteQueue:
         self._cond = threading.Condition()
         self._buffered = 0  # rows of queued inserts
         self._writing = False
-        self._effects: list[Change] = []  # of written rows, not yet written themselves
+        self._unfolded = 0  # snapshot effects logged by this queue and not yet folded
+        self._last_op = 0.0  # monotonic time of the last insert handed over
         self._closing = False
         self._closed = False
         self._stop_retrying = threading.Event()
@@ -171,6 +172,7 @@ class WriteQueue:
             if accepted:
                 effects = list(snapshot[:room]) if snapshot is not None else None
                 self._ops.append(_Insert(accepted, refs[:room], effects))
+                self._last_op = time.monotonic()
                 self._buffered += len(accepted)
                 self._cond.notify()
         if len(accepted) < len(rows):
@@ -203,7 +205,7 @@ class WriteQueue:
         """Wait until everything handed over so far is written; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._ops or self._writing or self._effects:
+            while self._ops or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -239,12 +241,18 @@ class WriteQueue:
 
     def _take(self) -> list[_Op] | None:
         """The ops at the head of the queue for one transaction (left queued until written);
-        none when only snapshot effects wait; None when closing with nothing left."""
+        none when the snapshot's log is to be folded; None when closing with nothing left."""
         with self._cond:
-            while not self._ops and not self._closing and not self._effects:
-                self._cond.wait()
+            while not self._ops and not self._closing:
+                if not self._unfolded:
+                    self._cond.wait()
+                    continue
+                quiet = self._last_op + FOLD_QUIET_SECONDS - time.monotonic()
+                if quiet <= 0:
+                    break
+                self._cond.wait(quiet)
             if not self._ops:
-                return [] if self._effects else None
+                return [] if self._unfolded else None
             taken: list[_Op] = []
             rows = 0
             for op in self._ops:
@@ -273,9 +281,9 @@ class WriteQueue:
                 return
             if not ops:
                 try:
-                    self._write_effects()
+                    self._fold()
                 except StoreError as exc:
-                    self._failed(exc)  # kept; tried again after the backoff
+                    self._failed(exc)  # the log stays; folded once the file takes writes
                     if self._stop_retrying.wait(backoff.failed()):
                         return
                 continue
@@ -300,26 +308,19 @@ class WriteQueue:
             backoff.succeeded()
             self._recovered()
             self._done(ops)
-            if len(self._effects) >= MAX_DEFERRED_EFFECTS:
+            if self._unfolded >= FOLD_AT:
                 try:
-                    self._write_effects()
+                    self._fold()
                 except StoreError as exc:
-                    self._failed(exc)  # kept; tried again once no rows wait
+                    self._failed(exc)  # folded later
 
-    def _write_effects(self) -> None:
-        """The snapshot effects of the rows written so far, in one transaction (the rows'
-        own thread, so they can never overtake the rows)."""
-        with self._cond:
-            self._writing = True
-        try:
+    def _fold(self) -> None:
+        """Fold the snapshot's log, a batch per transaction, until it is empty."""
+        while self._unfolded:
             with self.writer.transaction() as tx:
-                tx.apply_snapshot(self._effects)
-            self._effects = []
-            self._recovered()
-        finally:
-            with self._cond:
-                self._writing = False
-                self._cond.notify_all()
+                if not tx.fold_snapshot():
+                    self._unfolded = 0
+        self._recovered()
 
     def _write(self, ops: list[_Op]) -> None:
         try:
@@ -350,7 +351,7 @@ class WriteQueue:
         update queued behind the insert of its row finds the id in the same transaction;
         if the transaction fails, the refs are reset with it."""
         inserted: list[RowRef] = []
-        effects: list[Change] = []
+        logged = 0
         try:
             with self.writer.transaction() as tx:
                 for op in ops:
@@ -361,11 +362,13 @@ class WriteQueue:
                             ref.refused = row_id is None
                             inserted.append(ref)
                         if op.snapshot is not None:
-                            effects += [
+                            effects = [
                                 effect
                                 for effect, row_id in zip(op.snapshot, ids, strict=True)
                                 if effect is not None and row_id is not None
                             ]
+                            tx.log_snapshot(effects)
+                            logged += len(effects)
                     else:
                         tx.update(
                             [(ref.id, values) for ref, values in op.changes if ref.id is not None]
@@ -374,7 +377,7 @@ class WriteQueue:
             for ref in inserted:
                 ref.id, ref.refused = None, False
             raise
-        self._effects += effects
+        self._unfolded += logged
         self.rows_written += sum(1 for ref in inserted if ref.id is not None)
 
     def _refused(self, op: _Op, exc: BaseException) -> None:

@@ -16,9 +16,9 @@ later migrations with defaults, so an INSERT naming only the documented columns 
 - `store_identity`: the store's random identity, part of every row's key on the server.
 
 The file-changes file also holds the file watcher's persistent snapshot (`file_snapshot`,
-`file_snapshot_roots`; SQL in `store/snapshot.py`): what the rows say is on disk, written by
-the same write queue right after the rows, so the watcher's start scan can record what changed
-while it was not running.
+`file_snapshot_roots`, `file_snapshot_log`; SQL in `store/snapshot.py`): what the rows say is
+on disk, its changes written in the rows' own transactions, so the watcher's start scan can
+record what changed while it was not running.
 """
 
 from __future__ import annotations
@@ -247,6 +247,20 @@ FILE_CHANGES = LocalTable(
                 """CREATE TABLE IF NOT EXISTS file_snapshot_roots (
                        root BLOB PRIMARY KEY,
                        updated_at REAL NOT NULL
+                   )""",
+                # Rows' effects not yet folded into file_snapshot, appended in each row's
+                # transaction (cheap on the hot path), folded in order when writes are quiet.
+                """CREATE TABLE IF NOT EXISTS file_snapshot_log (
+                       id INTEGER PRIMARY KEY,
+                       root BLOB NOT NULL,
+                       event_type TEXT NOT NULL,
+                       path BLOB NOT NULL,
+                       previous_path BLOB,
+                       kind INTEGER NOT NULL,
+                       size INTEGER,
+                       mtime_ns INTEGER,
+                       inode INTEGER,
+                       logged_at REAL NOT NULL
                    )""",
             ),
         ),

@@ -183,11 +183,15 @@ class Transaction:
         self.inserted += allowed
         return ids + [None] * (len(rows) - allowed)
 
-    def apply_snapshot(self, changes: Sequence[snapshot.Change]) -> None:
+    def log_snapshot(self, changes: Sequence[snapshot.Change]) -> None:
         """The file watcher's snapshot follows rows inserted in this transaction
         (`store.snapshot`), so it never says more or less than the committed rows."""
         if changes:
-            snapshot.apply(self._conn, changes, time.time())
+            snapshot.log(self._conn, changes, time.time())
+
+    def fold_snapshot(self) -> int:
+        """Fold the oldest logged snapshot effects into the snapshot; how many."""
+        return snapshot.fold(self._conn, time.time())
 
     def update(self, changes: Sequence[tuple[int, Row]]) -> None:
         """Set columns of existing rows: (row id, column -> value)."""

@@ -24,16 +24,15 @@ A faithful history: the rows replay to the disk
     the other, so each root's rows replay on their own.
 
 Catch-up at start (`catchup`)
-    Beside the rows, written by the same queue right after them, the store keeps a persistent
-    snapshot of each root (`host_agent.store.snapshot`: path, type, size, mtime, inode), which
-    is by construction the replay of the rows written so far (of a prefix of them, during a
-    burst: it may lag the rows, never lead them). At start every root is walked (watches
-    first, as always) and compared with it: what was created, modified, deleted or moved while
-    the collector was not running, or was lost with it (`kill -9`, a dropped row), gets its
-    row, with `found_at_start = 1` and the best time known (mtime for created and modified,
-    ctime for a move, the scan's time for a deletion). A move is recognised by its inode; a
-    root seen for the first time has an empty snapshot, so its content is recorded as
-    created, once. A root missing at start has its known content recorded as deleted.
+    Beside the rows, in the same transactions, the store keeps a persistent snapshot of each
+    root (`host_agent.store.snapshot`: path, type, size, mtime, inode), which is by construction
+    exactly the replay of the rows written so far. At start every root is walked (watches first,
+    as always) and compared with it: what was created, modified, deleted or moved while the
+    collector was not running, or was lost with it (`kill -9`, a dropped row), gets its row,
+    with `found_at_start = 1` and the best time known (mtime for created and modified, ctime for
+    a move, the scan's time for a deletion). A move is recognised by its inode; a root seen for
+    the first time has an empty snapshot, so its content is recorded as created, once. A root
+    missing at start has its known content recorded as deleted.
 
 Roots that vanish and return
     A root removed or moved away gets `deleted` rows for what was known inside it; when it is

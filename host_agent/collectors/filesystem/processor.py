@@ -153,31 +153,34 @@ class EventProcessor:
 
     def _start_scan(self, root: Root) -> list[Found]:
         """Watch `root` and compare it with its persistent snapshot; what changed since, as
-        rows to be, in order (see `catchup`). A snapshot that cannot be read counts as empty:
-        everything on disk is then recorded as created, which replays right."""
+        rows to be, in order (see `catchup`). A snapshot that cannot be read skips the
+        comparison: nothing found is recorded, the snapshot still matches the rows, and the
+        next start compares."""
         scan_time = self._clock()
         present = self.tree.watch_root(root, record=False)
         if self._stopping.is_set():
             return []
-        path = self._batches.queue.path
-        try:
-            old = SnapshotReader(path, root.path)
-        except StoreError as exc:
-            self._log.warning("fs.snapshot_unreadable", root=root.text, error=str(exc))
-            old = SnapshotReader.empty(root.path)
         if not present:
             self.tree.await_root(root)
+        old: SnapshotReader | None = None
         try:
+            old = SnapshotReader(self._batches.queue.path, root.path)
             if not present:
                 found = root_gone(root, old, scan_time=scan_time)
             else:
                 found = Comparison(root, self._snapshot.dirs, old, scan_time=scan_time).compare()
         except StoreError as exc:
-            self._log.warning("fs.snapshot_unreadable", root=root.text, error=str(exc))
-            empty = SnapshotReader.empty(root.path)
-            found = Comparison(root, self._snapshot.dirs, empty, scan_time=scan_time).compare()
+            self._log.warning(
+                "fs.snapshot_unreadable",
+                root=root.text,
+                error=str(exc),
+                detail="changes made while the agent was not running are not compared now; "
+                "the next start compares them",
+            )
+            return []
         finally:
-            old.close()
+            if old is not None:
+                old.close()
         return [Found(p, pending) for p, pending in found]
 
     def _read_events(self) -> None:

@@ -9,7 +9,7 @@ UTF-8 paths). Symlinks are recorded like files, with `is_symlink = 1`. A `moved`
 source in `previous_path` (and `previous_path_raw`, the same way); NULL for the other kinds.
 `found_at_start` is 1 for rows the start scan found (`catchup`), 0 for changes seen as events.
 
-Each row comes with its effect on the persistent snapshot (`snapshot_change`), written after it.
+Each row comes with its effect on the persistent snapshot (`snapshot_change`), written with it.
 """
 
 from __future__ import annotations
