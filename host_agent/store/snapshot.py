@@ -134,11 +134,11 @@ FOLD_BATCH = 20_000
 
 
 def log(conn: sqlite3.Connection, changes: Sequence[Change], now: float) -> None:
-    """Append the effects of rows to the log, inside the rows' transaction."""
-    conn.executemany(
-        _LOG, [(root, kind, path, previous, *entry, now) for root, kind, path, previous, entry
-               in changes]
-    )
+    """Append the effects of rows to the log, inside the rows' transaction. One statement a
+    row, as the rows themselves: one long executemany keeps the interpreter lock from the
+    watcher's reader thread (see the row writer's history)."""
+    for root, kind, path, previous, entry in changes:
+        conn.execute(_LOG, (root, kind, path, previous, *entry, now))
 
 
 def _logged(row: Sequence[Any]) -> Change:

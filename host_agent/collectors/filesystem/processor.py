@@ -49,7 +49,7 @@ FENCE_SECONDS = 2.0
 BURST_EVENTS = 4096
 MAX_WAIT_SECONDS = 5.0
 # While rows wait for room in the store's queue, look again this often.
-HELD_WAIT_SECONDS = 0.05
+HELD_WAIT_SECONDS = 0.01
 
 
 class EventProcessor:

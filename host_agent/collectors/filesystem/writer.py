@@ -31,7 +31,7 @@ from host_agent.store.writer import Row
 DEFAULT_MAX_HELD = 100_000
 # What the start scan found becomes rows only while fewer than this many wait in the queue:
 # at the writer's pace, so a first scan of 100,000 files never holds 100,000 rows in memory.
-FOUND_WATERMARK = 1_000
+FOUND_WATERMARK = 2_000
 
 Built = tuple[Row, Change]
 Build = Callable[[bytes, Pending], Built | None]
