@@ -81,11 +81,7 @@ class RowBuilder:
         name_text = text(name)[0]
         extension = None if is_dir else (os.path.splitext(name_text)[1] or None)
         event_time = int(pending.at)
-        previous, previous_raw = text(pending.source) if pending.source is not None else (
-            None,
-            None,
-        )
-        return {
+        row: dict[str, object] = {
             "event_time": event_time,
             "event_time_iso": self._iso(event_time),
             "event_type": pending.kind,
@@ -99,10 +95,14 @@ class RowBuilder:
             "project_name": self._project(directory, root),
             "created_at": int(self._clock()),
             "file_path_raw": raw,
-            "previous_path": previous,
-            "previous_path_raw": previous_raw,
-            "found_at_start": int(pending.found),
         }
+        # Left to the columns' defaults (NULL, 0) when they have nothing to say: most rows are
+        # written in the same shape as before, which the writer's statement cache likes.
+        if pending.source is not None:
+            row["previous_path"], row["previous_path_raw"] = text(pending.source)
+        if pending.found:
+            row["found_at_start"] = 1
+        return row
 
     def _iso(self, epoch: int) -> str:
         cached_epoch, iso_text = self._iso_cache
