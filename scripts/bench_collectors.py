@@ -15,13 +15,26 @@ collector's throughput, not the disk's; the SQLite file stays on the normal temp
 Part b (footprint): `host-agent run` as a real process with both collectors on (the desktop
 monitor on an Xvfb display with openbox and a focused xterm; the watcher over a tree of
 `--tree-dirs` directories), syncing to a private PostgreSQL started by the script. Once the
-agent reports READY=1 over $NOTIFY_SOCKET (as it would to systemd), nothing touches it for
-`--idle-seconds`; the script reports the CPU time it used in that window (from /proc/PID/stat)
-as a share of one core, and its RSS at the end and at its peak (VmRSS, VmHWM).
+agent reports READY=1 over $NOTIFY_SOCKET (as it would to systemd) and has shipped the rows
+of its first start scan (the tree, recorded once; `--no-settle` skips that wait), nothing
+touches it for `--idle-seconds` (with `--restart`, the agent is first stopped and started
+again, as at any later start: its scan finds nothing to record); the script reports the CPU
+time it used in that window (from /proc/PID/stat) as a share of one core, and its RSS at the
+end and at its peak (VmRSS, VmHWM).
 Targets: under 1% of a core, under 80 MB RSS.
+
+Part c (start scan): the cost of the watcher's start scan over `--scan-files` files (100
+files a directory, on the same filesystem as part a), `host-agent run` as a real process
+(filesystem watcher only, no sync), three starts: the first (the root never seen: everything
+is recorded as created, found_at_start), a second with nothing changed, and a third after
+changes made while it was stopped (1% of the files created, 1% modified, 1% deleted, 1% of
+the directories moved). For each: seconds from spawn to READY=1 (the scan is done before it),
+the collector's own scan time (`fs.watching seconds`), rows found, seconds until they are all
+written, and peak RSS (VmHWM) read right after.
 
     .venv/bin/python scripts/bench_collectors.py --files 50000 --idle-seconds 60
     .venv/bin/python scripts/bench_collectors.py --part idle
+    .venv/bin/python scripts/bench_collectors.py --part startscan --scan-files 100000
 """
 
 from __future__ import annotations
@@ -84,9 +97,12 @@ def count_phase(db: Path, after_id: int, event_type: str) -> tuple[int, int, int
     conn = sqlite3.connect(db)
     try:
         try:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(file_change_events)")}
+            # Changes seen as events: not what the start scan found (the root's directories).
+            events = "AND found_at_start = 0" if "found_at_start" in columns else ""
             distinct, total, top = conn.execute(
                 "SELECT COUNT(DISTINCT CASE WHEN event_type = ? THEN file_path END), COUNT(*), "
-                "COALESCE(MAX(id), ?) FROM file_change_events WHERE id > ?",
+                f"COALESCE(MAX(id), ?) FROM file_change_events WHERE id > ? {events}",
                 (event_type, after_id, after_id),
             ).fetchone()
         except sqlite3.OperationalError:  # the table does not exist before the first write
@@ -254,7 +270,23 @@ def log_tail(work_dir: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
+def unsynced(db: Path) -> int:
+    """Rows not yet shipped (or no rows at all yet) in the file-changes file."""
+    conn = sqlite3.connect(db)
+    try:
+        total, left = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE synced_at IS NULL) FROM file_change_events"
+        ).fetchone()
+        return int(left) if total else 1
+    except sqlite3.OperationalError:
+        return 1
+    finally:
+        conn.close()
+
+
+def bench_idle(
+    idle_seconds: float, tree_dirs: int, settle: bool = True, restart: bool = False
+) -> int:
     import yaml
 
     from host_agent.embedded.cluster import LocalPostgres
@@ -313,16 +345,36 @@ def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
         notify.settimeout(60)
         env = {k: v for k, v in desktop.env.items() if not k.startswith("HOST_AGENT_")}
         env["NOTIFY_SOCKET"] = notify_path
-        with open(work_dir / "agent.log", "wb") as log:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "host_agent", "--config", str(config), "run"],
-                env=env, cwd=root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
-        try:
-            while notify.recv(256) != b"READY=1":
-                pass
-        except TimeoutError:
-            raise SystemExit(f"the agent did not become ready:\n{log_tail(work_dir)}") from None
+        def start_agent() -> subprocess.Popen[bytes]:
+            with open(work_dir / "agent.log", "ab") as log:
+                started_agent = subprocess.Popen(
+                    [sys.executable, "-m", "host_agent", "--config", str(config), "run"],
+                    env=env, cwd=root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                )  # fmt: skip
+            try:
+                while notify.recv(256) != b"READY=1":
+                    pass
+            except TimeoutError:
+                raise SystemExit(
+                    f"the agent did not become ready:\n{log_tail(work_dir)}"
+                ) from None
+            return started_agent
+
+        agent = start_agent()
+        settled = 0.0
+        if settle:
+            # The first start records the tree (its start scan) and ships those rows: one-time
+            # work, not idling. The window starts once it is done.
+            began = time.monotonic()
+            files_db = work_dir / "data" / "file_changes.db"
+            while unsynced(files_db) and time.monotonic() - began < 300:
+                time.sleep(0.2)  # polling the file, with a deadline
+            settled = time.monotonic() - began
+        if restart:
+            # The usual start: the tree known, its scan finds nothing to record.
+            agent.terminate()
+            agent.wait(timeout=60)
+            agent = start_agent()
 
         cpu_before, started = cpu_seconds(agent.pid), time.monotonic()
         time.sleep(idle_seconds)  # the measurement itself: a fixed idle window
@@ -339,6 +391,10 @@ def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
             f"\nidle agent: `host-agent run`, desktop monitor (Xvfb {desktop.display}, openbox, "
             f"1 xterm) + watcher over {tree_dirs} directories, syncing to a local PostgreSQL\n"
         )
+        if settle:
+            print(f"start rows shipped in: {settled:8.1f} s after READY (before the window)")
+        if restart:
+            print("measured:              a second start (the tree known from the first)")
         print(f"idle window:           {wall:8.1f} s")
         print(f"CPU used:              {cpu_used:8.2f} s   = {share:.2f}% of one core"
               f"  (target < 1%)")  # fmt: skip
@@ -366,6 +422,129 @@ def bench_idle(idle_seconds: float, tree_dirs: int) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+# --- part c: the start scan ------------------------------------------------------------------
+
+
+def make_tree(root: Path, files: int, per_dir: int = 100) -> list[Path]:
+    directories = []
+    for d in range((files + per_dir - 1) // per_dir):
+        directory = root / f"p{d // 100:03d}" / f"d{d:05d}"
+        directory.mkdir(parents=True)
+        directories.append(directory)
+        for f in range(min(per_dir, files - d * per_dir)):
+            (directory / f"f{f:03d}.txt").write_bytes(b"0123456789")
+    return directories
+
+
+def change_tree(root: Path, directories: list[Path], files: int) -> int:
+    """1% created, 1% modified, 1% deleted, 1% of the directories moved; the changes made."""
+    share = max(1, files // 100)
+    made = 0
+    for i in range(share):
+        directory = directories[i % len(directories)]
+        (directory / f"new{i:05d}.txt").write_bytes(b"new")
+        made += 1
+    every = max(1, files // share)
+    all_files = sorted(root.rglob("f*.txt"))
+    for path in all_files[::every][:share]:
+        path.write_bytes(b"changed, longer than before")
+        made += 1
+    for path in all_files[1::every][:share]:
+        path.unlink()
+        made += 1
+    for directory in directories[1 :: 100][: max(1, len(directories) // 100)]:
+        directory.rename(directory.with_name(directory.name + "-moved"))
+        made += 1
+    return made
+
+
+def bench_startscan(files: int, root_parent: Path) -> int:
+    import yaml
+
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-startscan-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="bench-scan-root-", dir=root_parent))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = str(work_dir / "notify.sock")
+    notify.bind(notify_path)
+    notify.settimeout(600)
+    db = work_dir / "data" / "file_changes.db"
+    config = work_dir / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "host_identifier": "bench-startscan",
+                "database": {
+                    "desktop_activity_db": str(work_dir / "data" / "desktop_activity.db"),
+                    "file_events_db": str(db),
+                },
+                "data_sync": {"enabled": False},
+                "collectors": {
+                    "desktop": {"enabled": False},
+                    "filesystem": {"enabled": True, "roots": [str(root)]},
+                },
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOST_AGENT_")}
+    env["NOTIFY_SOCKET"] = notify_path
+    results: list[tuple[str, float, float, int, float | None, dict[str, float]]] = []
+    try:
+        started = time.monotonic()
+        directories = make_tree(root, files)
+        print(f"made {files} files in {len(directories)} directories under {root} "
+              f"({filesystem_type(root)}) in {time.monotonic() - started:.1f} s")  # fmt: skip
+        for label in ("first start (nothing known)", "no change", "after changes while down"):
+            if label.startswith("after"):
+                made = change_tree(root, directories, files)
+                label += f" ({made} changes)"
+            before = table_rows(db, "file_change_events") if db.exists() else 0
+            log_path = work_dir / f"agent-{len(results)}.log"
+            with open(log_path, "wb") as log:
+                spawned = time.monotonic()
+                agent = subprocess.Popen(
+                    [sys.executable, "-m", "host_agent", "--config", str(config), "run"],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                )  # fmt: skip
+            try:
+                while notify.recv(256) != b"READY=1":
+                    pass
+                ready = time.monotonic() - spawned
+                text = log_path.read_text(errors="replace")
+                line = next(x for x in text.splitlines() if "fs.watching" in x)
+                found = int(line.split("found_at_start=")[1].split()[0])
+                scan = float(line.split("seconds=")[1].split()[0])
+                written: float | None = None
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    if table_rows(db, "file_change_events") - before >= found:
+                        written = time.monotonic() - spawned
+                        break
+                    time.sleep(0.05)  # polling the file, with a deadline
+                memory = memory_mb(agent.pid)
+            finally:
+                agent.terminate()
+                agent.wait(timeout=120)
+            results.append((label, ready, scan, found, written, memory))
+    finally:
+        notify.close()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"\nstart scan: `host-agent run`, watcher only, {files} files\n")
+    header = (
+        f"{'start':<44} {'to READY':>9} {'scan':>7} {'found':>7} {'all written':>12} "
+        f"{'peak RSS':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, ready, scan, found, written, memory in results:
+        shown = f"{written:.2f}s" if written is not None else "never"
+        print(
+            f"{label:<44} {ready:>8.2f}s {scan:>6.2f}s {found:>7} {shown:>12} "
+            f"{memory['VmHWM']:>6.1f} MB"
+        )
+    return 0 if all(r[4] is not None for r in results) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=50_000, help="files per phase")
@@ -379,8 +558,21 @@ def main() -> int:
     parser.add_argument(
         "--patience", type=float, default=120.0, help="seconds to wait for a phase's rows"
     )
-    parser.add_argument("--part", choices=["files", "idle", "all"], default="all")
+    parser.add_argument("--part", choices=["files", "idle", "startscan", "all"], default="all")
+    parser.add_argument(
+        "--scan-files", type=int, default=100_000, help="files under the start scan's root"
+    )
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="start the idle window at READY=1, before the start scan's rows are shipped",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="measure a second start of the agent (after the first one's rows are shipped)",
+    )
     parser.add_argument(
         "--tree-dirs", type=int, default=2000, help="directories under the idle agent's root"
     )
@@ -395,7 +587,11 @@ def main() -> int:
     if args.part in ("files", "all"):
         status |= asyncio.run(bench(args.files, args.dir, args.coalesce_ms, args.patience))
     if args.part in ("idle", "all"):
-        status |= bench_idle(args.idle_seconds, args.tree_dirs)
+        status |= bench_idle(
+            args.idle_seconds, args.tree_dirs, not args.no_settle, args.restart
+        )
+    if args.part in ("startscan", "all"):
+        status |= bench_startscan(args.scan_files, args.dir)
     return status
 
 

@@ -17,6 +17,12 @@ grace is dropped the same way (reason `shutdown`).
 
 A row SQLite itself refuses (a constraint: a collector's bug) is isolated and dropped with an
 error line; the rest of the batch is written.
+
+Beside its rows, an insert may carry each row's effect on the file watcher's snapshot
+(`store.snapshot.Change`): logged in the row's transaction, and only when the row itself is
+written; a dropped or refused row takes its effect with it. Once no new rows came for
+`FOLD_QUIET_SECONDS` (or `FOLD_AT` effects are logged), the log is folded into the snapshot
+in transactions of its own (`store.snapshot.fold`), and at `close`.
 """
 
 from __future__ import annotations
@@ -36,12 +42,15 @@ from host_agent.errors import StoreClosed, StoreError
 from host_agent.retry import Backoff, RetryPolicy
 from host_agent.store.faults import is_row_error
 from host_agent.store.retention import SizeLimit
+from host_agent.store.snapshot import Change
 from host_agent.store.tables import LocalTable
 from host_agent.store.writer import Row, RowWriter
 
 log = structlog.get_logger("host_agent.store")
 
 DEFAULT_MAX_BUFFERED_ROWS = 100_000
+FOLD_QUIET_SECONDS = 0.2  # no new rows for this long: the snapshot's log is folded
+FOLD_AT = 100_000  # logged effects folded even while rows keep coming
 MAX_ROWS_PER_TRANSACTION = 10_000
 REASON_BUFFER_FULL = "buffer_full"
 REASON_SHUTDOWN = "shutdown"
@@ -61,6 +70,7 @@ class RowRef:
 class _Insert:
     rows: list[Row]
     refs: list[RowRef]
+    snapshot: list[Change | None] | None = None  # per row, when given
 
 
 @dataclass(eq=False)
@@ -91,6 +101,8 @@ class WriteQueue:
         self._cond = threading.Condition()
         self._buffered = 0  # rows of queued inserts
         self._writing = False
+        self._unfolded = 0  # snapshot effects logged by this queue and not yet folded
+        self._last_op = 0.0  # monotonic time of the last insert handed over
         self._closing = False
         self._closed = False
         self._stop_retrying = threading.Event()
@@ -133,21 +145,34 @@ class WriteQueue:
     def buffered_rows(self) -> int:
         return self._buffered
 
+    @property
+    def room(self) -> int:
+        """How many more inserted rows would be accepted now."""
+        return max(0, self.max_buffered_rows - self._buffered)
+
     def start(self) -> None:
         self._thread.start()
 
     # --- collectors' side ---------------------------------------------------------------------
 
-    def insert_many(self, rows: Sequence[Row]) -> list[RowRef]:
+    def insert_many(
+        self, rows: Sequence[Row], *, snapshot: Sequence[Change | None] | None = None
+    ) -> list[RowRef]:
+        """Queue `rows`; `snapshot`, if given, holds each row's effect on the file watcher's
+        snapshot (None for none), written with the row."""
         refs = [RowRef() for _ in rows]
         if not rows:
             return refs
+        if snapshot is not None and len(snapshot) != len(rows):
+            raise ValueError("one snapshot change (or None) per row")
         with self._cond:
             self._check_open()
             room = max(0, self.max_buffered_rows - self._buffered)
             accepted = list(rows[:room])
             if accepted:
-                self._ops.append(_Insert(accepted, refs[:room]))
+                effects = list(snapshot[:room]) if snapshot is not None else None
+                self._ops.append(_Insert(accepted, refs[:room], effects))
+                self._last_op = time.monotonic()
                 self._buffered += len(accepted)
                 self._cond.notify()
         if len(accepted) < len(rows):
@@ -216,12 +241,18 @@ class WriteQueue:
 
     def _take(self) -> list[_Op] | None:
         """The ops at the head of the queue for one transaction (left queued until written);
-        None when closing with nothing left."""
+        none when the snapshot's log is to be folded; None when closing with nothing left."""
         with self._cond:
             while not self._ops and not self._closing:
-                self._cond.wait()
+                if not self._unfolded:
+                    self._cond.wait()
+                    continue
+                quiet = self._last_op + FOLD_QUIET_SECONDS - time.monotonic()
+                if quiet <= 0:
+                    break
+                self._cond.wait(quiet)
             if not self._ops:
-                return None
+                return [] if self._unfolded else None
             taken: list[_Op] = []
             rows = 0
             for op in self._ops:
@@ -248,6 +279,14 @@ class WriteQueue:
             ops = self._take()
             if ops is None:
                 return
+            if not ops:
+                try:
+                    self._fold()
+                except StoreError as exc:
+                    self._failed(exc)  # the log stays; folded once the file takes writes
+                    if self._stop_retrying.wait(backoff.failed()):
+                        return
+                continue
             try:
                 self._write(ops)
             except StoreError as exc:
@@ -269,6 +308,19 @@ class WriteQueue:
             backoff.succeeded()
             self._recovered()
             self._done(ops)
+            if self._unfolded >= FOLD_AT:
+                try:
+                    self._fold()
+                except StoreError as exc:
+                    self._failed(exc)  # folded later
+
+    def _fold(self) -> None:
+        """Fold the snapshot's log, a batch per transaction, until it is empty."""
+        while self._unfolded:
+            with self.writer.transaction() as tx:
+                if not tx.fold_snapshot():
+                    self._unfolded = 0
+        self._recovered()
 
     def _write(self, ops: list[_Op]) -> None:
         try:
@@ -287,7 +339,11 @@ class WriteQueue:
     @staticmethod
     def _singles(op: _Op) -> list[_Op]:
         if isinstance(op, _Insert):
-            return [_Insert([row], [ref]) for row, ref in zip(op.rows, op.refs, strict=True)]
+            effects = op.snapshot if op.snapshot is not None else [None] * len(op.rows)
+            return [
+                _Insert([row], [ref], [effect])
+                for row, ref, effect in zip(op.rows, op.refs, effects, strict=True)
+            ]
         return [_Update([change]) for change in op.changes]
 
     def _apply(self, ops: list[_Op]) -> None:
@@ -295,14 +351,24 @@ class WriteQueue:
         update queued behind the insert of its row finds the id in the same transaction;
         if the transaction fails, the refs are reset with it."""
         inserted: list[RowRef] = []
+        logged = 0
         try:
             with self.writer.transaction() as tx:
                 for op in ops:
                     if isinstance(op, _Insert):
-                        for ref, row_id in zip(op.refs, tx.insert(op.rows), strict=True):
+                        ids = tx.insert(op.rows)
+                        for ref, row_id in zip(op.refs, ids, strict=True):
                             ref.id = row_id
                             ref.refused = row_id is None
                             inserted.append(ref)
+                        if op.snapshot is not None:
+                            effects = [
+                                effect
+                                for effect, row_id in zip(op.snapshot, ids, strict=True)
+                                if effect is not None and row_id is not None
+                            ]
+                            tx.log_snapshot(effects)
+                            logged += len(effects)
                     else:
                         tx.update(
                             [(ref.id, values) for ref, values in op.changes if ref.id is not None]
@@ -311,6 +377,7 @@ class WriteQueue:
             for ref in inserted:
                 ref.id, ref.refused = None, False
             raise
+        self._unfolded += logged
         self.rows_written += sum(1 for ref in inserted if ref.id is not None)
 
     def _refused(self, op: _Op, exc: BaseException) -> None:

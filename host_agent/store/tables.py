@@ -15,6 +15,11 @@ later migrations with defaults, so an INSERT naming only the documented columns 
 - `sync_state`: the sync loop's last result and backoff, readable by `host-agent status`.
 - `store_identity`: the store's random identity, part of every row's key on the server.
 - `sync_exports`: bundles exported for carrying to the server, until their receipt is acked.
+
+The file-changes file also holds the file watcher's persistent snapshot (`file_snapshot`,
+`file_snapshot_roots`, `file_snapshot_log`; SQL in `store/snapshot.py`): what the rows say is
+on disk, its changes written in the rows' own transactions, so the watcher's start scan can
+record what changed while it was not running.
 """
 
 from __future__ import annotations
@@ -256,6 +261,51 @@ FILE_CHANGES = LocalTable(
         Migration("0004_store_identity", _store_identity("file_change_events")),
         _EXPORT_JOURNAL,
         _SYNC_RATE,
+        Migration(
+            # File history: a `moved` row names its source (escaped text and, when not UTF-8,
+            # raw bytes, as for file_path); rows the start scan found are flagged; the
+            # watcher's persistent snapshot (store/snapshot.py owns its SQL).
+            "0007_file_history",
+            (
+                _add_column_if_missing("file_change_events", "previous_path", "TEXT"),
+                _add_column_if_missing("file_change_events", "previous_path_raw", "BLOB"),
+                _add_column_if_missing(
+                    "file_change_events", "found_at_start", "INTEGER NOT NULL DEFAULT 0"
+                ),
+                # One row per entry below a root: paths relative to the root, as bytes.
+                # kind: 0 file, 1 directory, 2 symlink; size, mtime_ns and inode are NULL
+                # when the entry was gone before it could be looked at.
+                """CREATE TABLE IF NOT EXISTS file_snapshot (
+                       root BLOB NOT NULL,
+                       parent BLOB NOT NULL,
+                       name BLOB NOT NULL,
+                       kind INTEGER NOT NULL,
+                       size INTEGER,
+                       mtime_ns INTEGER,
+                       inode INTEGER,
+                       PRIMARY KEY (root, parent, name)
+                   ) WITHOUT ROWID""",
+                # When each root's snapshot was last brought up to date (epoch seconds).
+                """CREATE TABLE IF NOT EXISTS file_snapshot_roots (
+                       root BLOB PRIMARY KEY,
+                       updated_at REAL NOT NULL
+                   )""",
+                # Rows' effects not yet folded into file_snapshot, appended in each row's
+                # transaction (cheap on the hot path), folded in order when writes are quiet.
+                """CREATE TABLE IF NOT EXISTS file_snapshot_log (
+                       id INTEGER PRIMARY KEY,
+                       root BLOB NOT NULL,
+                       event_type TEXT NOT NULL,
+                       path BLOB NOT NULL,
+                       previous_path BLOB,
+                       kind INTEGER NOT NULL,
+                       size INTEGER,
+                       mtime_ns INTEGER,
+                       inode INTEGER,
+                       logged_at REAL NOT NULL
+                   )""",
+            ),
+        ),
     ),
 )
 

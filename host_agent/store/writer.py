@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import structlog
 
 from host_agent.errors import StoreClosed
+from host_agent.store import snapshot
 from host_agent.store.connection import connect, rollback_quietly
 from host_agent.store.faults import store_errors
 from host_agent.store.migrations import prepare_file
@@ -60,6 +62,8 @@ class RowWriter:
         self.limit = limit
         self._on_drop = on_drop
         self.dropped_rows = 0
+        # INSERT statements by column names: collectors send the same few shapes every time.
+        self.statements: dict[tuple[str, ...], str] = {}
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
         self._closed = False
@@ -164,16 +168,30 @@ class Transaction:
                 for row in rows[allowed:]
             ]
         ids: list[int | None] = []
+        statements = self._writer.statements
         for row in rows[:allowed]:
-            columns = ", ".join(row)
-            marks = ", ".join("?" for _ in row)
-            cur = conn.execute(
-                f"INSERT INTO {table.name} ({columns}) VALUES ({marks})", tuple(row.values())
-            )
+            key = tuple(row)
+            sql = statements.get(key)
+            if sql is None:
+                marks = ", ".join("?" for _ in key)
+                sql = statements[key] = (
+                    f"INSERT INTO {table.name} ({', '.join(key)}) VALUES ({marks})"
+                )
+            cur = conn.execute(sql, tuple(row.values()))
             assert cur.lastrowid is not None
             ids.append(cur.lastrowid)
         self.inserted += allowed
         return ids + [None] * (len(rows) - allowed)
+
+    def log_snapshot(self, changes: Sequence[snapshot.Change]) -> None:
+        """The file watcher's snapshot follows rows inserted in this transaction
+        (`store.snapshot`), so it never says more or less than the committed rows."""
+        if changes:
+            snapshot.log(self._conn, changes, time.time())
+
+    def fold_snapshot(self) -> int:
+        """Fold the oldest logged snapshot effects into the snapshot; how many."""
+        return snapshot.fold(self._conn, time.time())
 
     def update(self, changes: Sequence[tuple[int, Row]]) -> None:
         """Set columns of existing rows: (row id, column -> value)."""

@@ -33,26 +33,35 @@ QUEUE_SYSCTL = Path("/proc/sys/fs/inotify/max_queued_events")
 LIMITED_COLLECTOR = Path(__file__).with_name("limited_collector.py")
 
 
-def read_rows(db: Path) -> Rows:
+def read_rows(db: Path, *, events: bool = False) -> Rows:
+    """The rows in id order; with `events`, only changes seen as events (not those the start
+    scan found: what existed before the collector started, or changed while it was down)."""
     if not db.exists():
         return []
     conn = sqlite3.connect(db)
     try:
         conn.row_factory = sqlite3.Row
+        where = " WHERE found_at_start = 0" if events else ""
         try:
-            return [dict(r) for r in conn.execute("SELECT * FROM file_change_events ORDER BY id")]
+            return [
+                dict(r)
+                for r in conn.execute(f"SELECT * FROM file_change_events{where} ORDER BY id")
+            ]
         except sqlite3.OperationalError:  # the writer has not created the table yet
             return []
     finally:
         conn.close()
 
 
-async def wait_rows(db: Path, done: Callable[[Rows], bool], within: float = 10.0) -> Rows:
-    """Poll the SQLite file until `done(rows)` holds; fail with what was there."""
+async def wait_rows(
+    db: Path, done: Callable[[Rows], bool], within: float = 10.0, *, events: bool = True
+) -> Rows:
+    """Poll the SQLite file until `done(rows)` holds (event rows only, unless `events` is
+    False); fail with what was there."""
     deadline = time.monotonic() + within
     rows: Rows = []
     while time.monotonic() < deadline:
-        rows = await asyncio.to_thread(read_rows, db)
+        rows = await asyncio.to_thread(read_rows, db, events=events)
         if done(rows):
             return rows
         await asyncio.sleep(0.02)
@@ -82,16 +91,22 @@ def watched_inodes(fd: int, pid: int | str = "self") -> set[int]:
 
 @dataclass
 class Running:
+    """A collector started by the fixture. `rows`/`wait_rows` see the rows of changes seen as
+    events; what the start scan found (the content present at the first start) is left out
+    unless `events=False`."""
+
     collector: FileChangeCollector
     root: Path
     db: Path
     inotify_fd: int | None
 
-    async def rows(self) -> Rows:
-        return await asyncio.to_thread(read_rows, self.db)
+    async def rows(self, *, events: bool = True) -> Rows:
+        return await asyncio.to_thread(read_rows, self.db, events=events)
 
-    async def wait_rows(self, done: Callable[[Rows], bool], within: float = 10.0) -> Rows:
-        return await wait_rows(self.db, done, within)
+    async def wait_rows(
+        self, done: Callable[[Rows], bool], within: float = 10.0, *, events: bool = True
+    ) -> Rows:
+        return await wait_rows(self.db, done, within, events=events)
 
     def watched_inodes(self) -> set[int]:
         assert self.inotify_fd is not None
@@ -263,7 +278,7 @@ class LimitedCollector:
         raise AssertionError(f"status did not get there in {within}s; last: {status}")
 
     async def rows(self) -> Rows:
-        return await asyncio.to_thread(read_rows, self.db)
+        return await asyncio.to_thread(read_rows, self.db, events=True)
 
     async def wait_rows(self, done: Callable[[Rows], bool], within: float = 10.0) -> Rows:
         return await wait_rows(self.db, done, within)

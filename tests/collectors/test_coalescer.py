@@ -1,8 +1,8 @@
 """The coalescer's rules, table by table (see host_agent/collectors/filesystem/coalescer.py).
 
 Each case is a sequence of changes at given times (seconds) with a one-second window, and the
-rows that come out, in order, as "kind path" strings. No filesystem, no inotify: the coalescer
-is pure, so these run its rules alone.
+rows that come out, in order, as "kind path" strings ("moved b<-a" for a move from a). No
+filesystem, no inotify: the coalescer is pure, so these run its rules alone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from host_agent.collectors.filesystem.coalescer import (
     Pending,
     merge,
 )
+from host_agent.collectors.filesystem.replay import Change, Replay, replay
 from host_agent.collectors.filesystem.roots import Root
 
 ROOT = Root(b"/r", "/r", "r")
@@ -40,7 +41,8 @@ def run(steps: list[Step], window: float = WINDOW) -> list[str]:
 
     def emit(path: bytes, pending: Pending) -> None:
         suffix = "/" if pending.is_dir else ""
-        rows.append(f"{pending.kind} {path.decode()}{suffix}")
+        source = f"<-{pending.source.decode()}" if pending.source is not None else ""
+        rows.append(f"{pending.kind} {path.decode()}{suffix}{source}")
 
     coalescer = Coalescer(window, emit)
     for at, operation, *paths in steps:
@@ -144,23 +146,31 @@ CASES: dict[str, tuple[list[Step], list[str]]] = {
     # Renames and editors' saves.
     "a rename is one moved row at the destination": (
         [(0.0, "renamed", "a", "b")],
-        ["moved b"],
+        ["moved b<-a"],
     ),
     "a rename writes the source's pending row first": (
         [(0.0, "modified", "a"), (0.2, "renamed", "a", "b")],
-        ["modified a", "moved b"],
+        ["modified a", "moved b<-a"],
     ),
     "a rename onto a file with a pending change replaces it": (
         [(0.0, "modified", "b"), (0.2, "renamed!", "a", "b")],
-        ["moved b"],
+        ["moved b<-a"],
     ),
     "a rename onto a file created in the window is two rows": (
         [(0.0, "created", "b"), (0.2, "renamed!", "a", "b")],
-        ["created b", "moved b"],
+        ["created b", "moved b<-a"],
     ),
     "a moved file written to is still moved": (
         [(0.0, "renamed", "a", "b"), (0.3, "modified", "b")],
-        ["moved b"],
+        ["moved b<-a"],
+    ),
+    "a path deleted then renamed onto: moved, from the new source": (
+        [(0.0, "deleted", "b"), (0.2, "renamed", "a", "b")],
+        ["moved b<-a"],
+    ),
+    "moved twice within the window: two rows, each from where it was": (
+        [(0.0, "renamed", "a", "b"), (0.2, "renamed", "b", "c")],
+        ["moved b<-a", "moved c<-b"],
     ),
     "atomic save through a temporary name: modified, the temporary name never shows": (
         [(0.0, "created", "main.py.x7Gq2a"), (0.1, "renamed!", "main.py.x7Gq2a", "main.py")],
@@ -172,7 +182,7 @@ CASES: dict[str, tuple[list[Step], list[str]]] = {
     ),
     "a temporary name only counts within its window": (
         [(0.0, "created", "a.part"), (1.5, "renamed!", "a.part", "a")],
-        ["created a.part", "moved a"],
+        ["created a.part", "moved a<-a.part"],  # a slow atomic save: replays right
     ),
     "atomic save from an ignored name (foo.tmp, .foo.swp): modified": (
         [(0.0, "arrived!", "notes.txt")],
@@ -204,17 +214,73 @@ def test_with_no_window_a_safe_write_can_stay_two_rows() -> None:
     assert run(steps, window=0.0) == ["deleted Main.kt", "created Main.kt"]
 
 
-def test_a_renamed_directory_takes_its_pending_rows_along() -> None:
+def test_a_renamed_directory_takes_its_pending_rows_along_after_its_own_row() -> None:
     rows: list[str] = []
-    coalescer = Coalescer(WINDOW, lambda path, p: rows.append(f"{p.kind} {path.decode()}"))
+
+    def emit(path: bytes, p: Pending) -> None:
+        source = f"<-{p.source.decode()}" if p.source is not None else ""
+        rows.append(f"{p.kind} {path.decode()}{source}")
+
+    coalescer = Coalescer(WINDOW, emit)
     other = Root(b"/s", "/s", "s")
     for path in (b"/r/d/x", b"/r/d/sub/y", b"/r/dx", b"/r/e"):
         coalescer.change(path, CREATED, ROOT, is_dir=False, mono=0.0, wall=0.0)
+    coalescer.change(b"/r/d/z", DELETED, ROOT, is_dir=False, mono=0.0, wall=0.0)
+    coalescer.change(b"/r/d/b", MOVED, ROOT, is_dir=False, mono=0.0, wall=0.0, source=b"/r/d/a")
+    coalescer.change(b"/r/w", MOVED, ROOT, is_dir=False, mono=0.0, wall=0.0, source=b"/r/d/v")
+    # What the tree does: the directory's own row, then its pending rows move along.
+    coalescer.change(b"/s/moved", MOVED, other, is_dir=True, mono=0.1, wall=0.1, source=b"/r/d")
     coalescer.rekey(b"/r/d", b"/s/moved", other)
     assert b"/r/d/x" not in coalescer and b"/s/moved/x" in coalescer
     coalescer.flush(math.inf)
-    # In their order, below the new name; /r/dx only shares a prefix and stays.
-    assert rows == ["created /s/moved/x", "created /s/moved/sub/y", "created /r/dx", "created /r/e"]
+    assert rows == [
+        "created /r/dx",  # only shares a prefix: stays, in its place
+        "created /r/e",
+        "moved /r/w<-/r/d/v",  # moved out before the directory moved: its old source
+        "moved /s/moved<-/r/d",
+        # After the directory's move, which takes their old paths along; sources renamed.
+        "created /s/moved/x",
+        "created /s/moved/sub/y",
+        "deleted /s/moved/z",
+        "moved /s/moved/b<-/s/moved/a",
+    ]
+    # Replayed after what was there before, the rows give what is on disk.
+    before = ["created /r/d", "created /r/d/a", "created /r/d/z", "created /r/d/v"]
+    changes = []
+    for row in before + rows:
+        kind, _, rest = row.partition(" ")
+        path, _, source = rest.partition("<-")
+        changes.append(Change(kind, path.encode(), source.encode() or None))
+    assert replay(changes) == {
+        b"/r/dx", b"/r/e", b"/r/w", b"/s/moved", b"/s/moved/x", b"/s/moved/sub/y",
+        b"/s/moved/b",
+    }
+
+
+def test_emit_below_writes_what_a_renamed_directory_replaces() -> None:
+    rows: list[str] = []
+    coalescer = Coalescer(WINDOW, lambda path, p: rows.append(f"{p.kind} {path.decode()}"))
+    for path in (b"/r/out/x", b"/r/out", b"/r/outer", b"/r/other"):
+        coalescer.change(path, DELETED, ROOT, is_dir=False, mono=0.0, wall=0.0)
+    coalescer.emit_below(b"/r/out")
+    assert rows == ["deleted /r/out/x", "deleted /r/out"]
+    assert len(coalescer) == 2
+
+
+def test_replay_rule() -> None:
+    state = Replay()
+    for change in (
+        Change("created", b"/r/d"),
+        Change("created", b"/r/d/f"),
+        Change("created", b"/r/d/sub/g"),  # its directory has no row of its own
+        Change("modified", b"/r/x"),
+        Change("moved", b"/r/e", b"/r/d"),
+        Change("moved", b"/r/y", b"/r/x"),
+        Change("moved", b"/r/z", None),  # from before sources were kept
+        Change("deleted", b"/r/e"),  # exactly that path
+    ):
+        state.apply(change)
+    assert state.present == {b"/r/e/f", b"/r/e/sub/g", b"/r/y", b"/r/z"}
 
 
 def test_deadlines_and_flush_by_watermark() -> None:

@@ -22,7 +22,8 @@ from host_agent.store.tables import FILE_CHANGES
 from .conftest import StartCollector
 
 COUNTERS = {
-    "events_recorded", "overflows", "watches", "unwatched", "watch_limit_hits", "rows_dropped",
+    "events_recorded", "found_at_start", "overflows", "watches", "unwatched", "watch_limit_hits",
+    "rows_dropped",
 }  # fmt: skip
 
 
@@ -36,7 +37,9 @@ async def test_running_state_and_counters(start_collector: StartCollector, root:
     await run.wait_rows(lambda rows: len(rows) == 1)
     counters = collector.counters()
     assert set(counters) == COUNTERS
-    assert counters["events_recorded"] == 1 and counters["watches"] == 2
+    # "sub" existed at the first start: found by the start scan, then a.txt as an event.
+    assert counters["found_at_start"] == 1
+    assert counters["events_recorded"] == 2 and counters["watches"] == 2
     assert counters["overflows"] == counters["rows_dropped"] == counters["unwatched"] == 0
 
 

@@ -33,6 +33,8 @@ from .helpers import (
     wait_rows,
 )
 
+OUTAGE_SECONDS = 36.0  # X returns between the old backoff's attempts at 31 s and 61 s
+
 # --- focus, titles, pids ---------------------------------------------------------------------
 
 
@@ -376,6 +378,41 @@ async def test_survives_x_server_restart(
     rows = read_rows(db_path)
     assert rows[1]["pid"] == gamma.pid
     assert_well_formed(rows)
+
+
+@pytest.mark.slow
+async def test_recording_resumes_within_2_s_after_a_long_x_outage(
+    desktop: Desktop, writer: WriteQueue, db_path: Path
+) -> None:
+    """The issue's observation: after an X outage longer than ~30 s, recording resumed only up
+    to 30 s after X was back (the reconnect backoff's cap). With the collector's own policy."""
+    alpha = desktop.xterm("alpha window", "Alpha")
+    desktop.activate(alpha.window_id)
+    log = RecordingLog()
+    collector = make_collector(desktop, writer, log)  # the default reconnect policy
+
+    async with running(collector):
+        await wait_rows(db_path, lambda r: apps(r) == ["Alpha"], "the session")
+        desktop.kill_xvfb()
+        await wait_for(lambda: collector.state == "reconnecting", "the collector to notice")
+        # The outage itself: longer than the old backoff's 1+2+4+8+16 s climb to its 30 s cap.
+        await asyncio.sleep(OUTAGE_SECONDS)
+        attempts = len(log.named("desktop.x11_connect_failed"))
+        assert attempts <= 2 * OUTAGE_SECONDS, attempts  # about one a second, not a spin
+
+        polls = collector.polls
+        await asyncio.to_thread(desktop.start_xvfb)  # returns once it accepts connections
+        back = time.monotonic()
+        await wait_for(lambda: collector.polls > polls, "recording to resume")
+        resumed = time.monotonic() - back
+        assert resumed <= 2.0, resumed
+        assert collector.state == "running"
+
+        desktop.start_openbox()
+        gamma = desktop.xterm("gamma window", "Gamma")
+        desktop.activate(gamma.window_id)
+        await wait_rows(db_path, lambda r: "Gamma" in apps(r), "a session after the outage")
+    assert_well_formed(read_rows(db_path))
 
 
 async def test_frozen_x_server_is_abandoned_and_stop_still_returns(

@@ -82,6 +82,7 @@ class Desktop:
         self.xvfb: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self._counter = 0
+        self._reserved = False  # this display's lock file names this process (kill_xvfb)
 
     @property
     def display(self) -> str:
@@ -118,6 +119,7 @@ class Desktop:
         args = ["Xvfb"]
         if self.number is not None:
             args.append(self.display)
+            self._release_display()  # kept since kill_xvfb; Xvfb refuses a live lock
         # -noreset: by default Xvfb resets whenever its last client leaves, refusing
         # connections meanwhile; the readiness probe below would trigger exactly that.
         args += [
@@ -171,9 +173,32 @@ class Desktop:
         return result.returncode == 0
 
     def kill_xvfb(self) -> None:
+        """Kill the X server (SIGKILL, as a crash would) and keep its display number for
+        `start_xvfb`: another suite's Xvfb looking for a free display must not take it."""
         assert self.xvfb is not None
         self.xvfb.kill()
         self.xvfb.wait()
+        self._reserve_display()
+
+    @property
+    def _lock_file(self) -> Path:
+        return Path(f"/tmp/.X{self.number}-lock")
+
+    def _reserve_display(self) -> None:
+        """X servers skip a display whose lock file names a live process: name this one
+        (Xvfb's format, the pid in ten columns) until `start_xvfb` takes the number back."""
+        reservation = self._lock_file.with_name(f"{self._lock_file.name}.{os.getpid()}")
+        reservation.write_text(f"{os.getpid():10d}\n")
+        os.replace(reservation, self._lock_file)
+        self._reserved = True
+
+    def _release_display(self) -> None:
+        if not self._reserved:
+            return
+        self._reserved = False
+        with suppress(OSError):
+            if int(self._lock_file.read_text().strip()) == os.getpid():
+                self._lock_file.unlink()
 
     def freeze_xvfb(self) -> None:
         assert self.xvfb is not None
@@ -238,3 +263,4 @@ class Desktop:
         for proc in reversed(self.procs):
             _stop_process(proc)
         self.procs.clear()
+        self._release_display()

@@ -67,8 +67,8 @@ class DesktopActivityCollector:
         *,
         display: str | None = None,
         clock: Callable[[], float] = time.time,
-        reconnect_initial_seconds: float = 1.0,
-        reconnect_max_seconds: float = 30.0,
+        reconnect_initial_seconds: float = 0.5,
+        reconnect_max_seconds: float = 1.0,
         stall_timeout_seconds: float = 15.0,
     ) -> None:
         self.config = config

@@ -3,11 +3,12 @@ request that hangs. Knows nothing of sessions or the store.
 
 Outages (X server gone, display not openable, a request failing) are logged once when they
 begin and once when they end, and retried after the waits of a `RetryPolicy` (the collector's:
-1 s doubling to 30 s, no jitter); a connection that held at least the longest wait starts the
-waits over. The worker thread runs `X11Supervisor.run`; the event loop calls
-`break_stalled_request` now and then, because a frozen server answers nothing and python-xlib
-waits forever: shutting the connection's socket makes the stuck request fail, which counts as
-the connection lost.
+0.5 s, then every second, however long the outage: recording resumes within about a second of
+the display's return, and a failed attempt on a local display costs a refused connect); a
+connection that held at least the longest wait starts the waits over. The worker thread runs
+`X11Supervisor.run`; the event loop calls `break_stalled_request` now and then, because a
+frozen server answers nothing and python-xlib waits forever: shutting the connection's socket
+makes the stuck request fail, which counts as the connection lost.
 """
 
 from __future__ import annotations

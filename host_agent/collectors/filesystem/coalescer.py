@@ -3,9 +3,11 @@ no clock; times come with each change, and rows leave through the `emit` callbac
 
 What a row means
     `event_type` is `created`, `modified`, `deleted` or `moved`; for `moved` the path is the
-    destination (the table has no column for the source path). `event_time` is when the
+    destination and `previous_path` the source (`Pending.source`). `event_time` is when the
     recorded kind of change was seen (e.g. the creation for created+modified). `modified` on a
-    directory (its entry list or times changed) is noise and is not recorded.
+    directory (its entry list or times changed) is noise and is not recorded. Rows leave in an
+    order that replays (see `replay`): a row about a path never overtakes an earlier change that
+    replaying it depends on.
 
 The window is counted from the first change on a path; one row per window. A change on a path
 with a pending row merges into it by this table (old + new -> row):
@@ -34,8 +36,15 @@ Renames (`renamed`, `arrived`, `renamed_from`, `destination_kind`)
     file onto `foo`, delete `foo___jb_old___`), both of whose names are ignored by default. The
     two renames are back to back, so any coalescing window joins them; with `coalesce_ms: 0`
     they can stay two rows. Any other rename within the watched tree writes the source's
-    pending row at once and is `moved` at the destination; a renamed directory's pending rows
-    move along with it (`rekey`).
+    pending row at once and is `moved` at the destination, naming the source (so an atomic save
+    whose temporary file outlived the window is a `moved` from that file, which replays right).
+    A `moved` merged from a `deleted` or `modified` takes the new source.
+
+Directory renames
+    The rows pending at or below the destination (what was there before) are written first
+    (`emit_below`); the directory's own row follows, then the pending rows that were below the
+    source, now under the destination (`rekey`), with their sources renamed too: replaying the
+    directory's move takes their old paths along, so they must come after it.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ DELETED = "deleted"
 MOVED = "moved"
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A row not yet written: the kind of change that stands for the window so far."""
 
@@ -63,6 +72,8 @@ class Pending:
     root: Root
     is_dir: bool
     was_link: bool
+    source: bytes | None = None  # for `moved`: the path it was renamed from
+    found: bool = False  # found by the start scan, not seen as an event
 
 
 def merge(old: str, new: str, *, same_type: bool) -> str | None:
@@ -116,10 +127,13 @@ class Coalescer:
         mono: float,
         wall: float,
         was_link: bool = False,
+        source: bytes | None = None,
     ) -> None:
-        """A change of `kind` seen at `mono` (monotonic) / `wall` (epoch seconds)."""
+        """A change of `kind` seen at `mono` (monotonic) / `wall` (epoch seconds); `source`:
+        where a `moved` came from."""
         if is_dir and kind == MODIFIED:
             return  # a directory's entries or times changed: noise, its entries have rows
+        source = source if kind == MOVED else None
         pending = self._pending.get(path)
         if pending is not None:
             merged = merge(pending.kind, kind, same_type=pending.is_dir == is_dir)
@@ -127,12 +141,16 @@ class Coalescer:
                 if merged != pending.kind:
                     pending.kind = merged
                     pending.at = wall
+                    pending.source = source
+                    pending.found = False
                 pending.is_dir = is_dir
                 pending.was_link = pending.was_link or was_link
                 pending.root = root
                 return
             self.emit(path)
-        self._pending[path] = Pending(kind, wall, mono + self.window, root, is_dir, was_link)
+        self._pending[path] = Pending(
+            kind, wall, mono + self.window, root, is_dir, was_link, source
+        )
 
     def renamed(
         self,
@@ -149,7 +167,16 @@ class Coalescer:
         already if `replaced`."""
         temporary = self.renamed_from(source)
         kind = destination_kind(moved=not temporary, replaced=replaced)
-        self.change(target, kind, root, is_dir=False, mono=mono, wall=wall, was_link=was_link)
+        self.change(
+            target,
+            kind,
+            root,
+            is_dir=False,
+            mono=mono,
+            wall=wall,
+            was_link=was_link,
+            source=source,
+        )
 
     def arrived(
         self, target: bytes, root: Root, *, is_dir: bool, replaced: bool, mono: float, wall: float
@@ -178,20 +205,30 @@ class Coalescer:
         if pending is not None:
             self._emit(path, pending)
 
-    def rekey(self, source: bytes, target: bytes, root: Root) -> None:
-        """A directory was renamed: the pending rows of paths below `source` move below
-        `target`, keeping their order."""
-        top = prefix(source)
-        if not any(p == source or p.startswith(top) for p in self._pending):
-            return
+    def emit_below(self, path: bytes) -> None:
+        """Write now the pending rows of `path` and of every path below it, in order (what
+        was there before a directory is renamed onto `path`)."""
+        top = prefix(path)
+        for pending_path in [p for p in self._pending if p == path or p.startswith(top)]:
+            self.emit(pending_path)
 
-        def moved(path: bytes, pending: Pending) -> bytes:
-            if path != source and not path.startswith(top):
-                return path
-            pending.root = root
+    def rekey(self, source: bytes, target: bytes, root: Root) -> None:
+        """The directory `source` was renamed to `target` (and its own row queued): the
+        pending rows of paths below `source` move below `target`, after that row, keeping
+        their order; sources below `source` are renamed the same way."""
+        top = prefix(source)
+
+        def renamed(path: bytes) -> bytes:
             return target + path[len(source) :]
 
-        self._pending = OrderedDict((moved(p, v), v) for p, v in self._pending.items())
+        below = [p for p in self._pending if p.startswith(top)]
+        for path in below:
+            pending = self._pending.pop(path)
+            pending.root = root
+            if pending.source is not None and pending.source.startswith(top):
+                pending.source = renamed(pending.source)
+            self.emit(renamed(path))  # found there by a scan meanwhile: nothing is lost
+            self._pending[renamed(path)] = pending
 
     def next_deadline(self) -> float | None:
         """When the first pending window closes (monotonic), if any is open."""

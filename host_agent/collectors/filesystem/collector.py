@@ -36,7 +36,8 @@ class FileChangeCollector:
     watched; the reason is logged), "disabled: by configuration", "idle: no roots configured",
     "failed: see log" (a bug ended a thread) or "stopped". `ready` is set once the initial
     watches are placed (or it is clear nothing will be watched). Plain counters for metrics:
-    `events_recorded` (rows written to the store), `overflows` (rescans after lost events),
+    `events_recorded` (rows written to the store), `found_at_start` (changes the start scan
+    found: made while the collector was not running), `overflows` (rescans after lost events),
     `errors`,
     `watches` (directories watched now), `unwatched` (directories the watch limit refused,
     waiting for a retry), `watch_limit_hits` (watch requests refused for the inotify limit,
@@ -86,6 +87,10 @@ class FileChangeCollector:
         return self._processor.errors + self._batches.errors
 
     @property
+    def found_at_start(self) -> int:
+        return self._processor.found_at_start
+
+    @property
     def overflows(self) -> int:
         return self._processor.tree.overflows
 
@@ -104,6 +109,7 @@ class FileChangeCollector:
     def counters(self) -> dict[str, int]:
         return {
             "events_recorded": self.events_recorded,
+            "found_at_start": self.found_at_start,
             "overflows": self.overflows,
             "watches": self.watches,
             "unwatched": self.unwatched,

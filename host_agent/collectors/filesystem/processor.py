@@ -1,7 +1,8 @@
 """The processor thread: owns all bookkeeping (watches, snapshot, coalescing), so events are
 applied strictly in kernel order; it hands finished rows to the writer thread.
 
-It starts the inotify instance and the baseline walk, then reads the relay's queue in bursts;
+It starts the inotify instance and the start scan of each root (watch and list everything,
+then compare with the persistent snapshot: `catchup`), then reads the relay's queue in bursts;
 between bursts it writes the rows whose window closed, gives up on unpaired renames and, every
 `retry_seconds`, asks again for missing roots and refused watches. While events are still
 queued, "now" is the newest event seen, so a slow processor coalesces exactly as a fast one
@@ -29,21 +30,26 @@ from typing import Any
 from watchdog.observers.inotify_c import WatchDescriptor
 
 from host_agent.collectors.base import RUNNING, failed
+from host_agent.collectors.filesystem.catchup import Comparison, root_gone
 from host_agent.collectors.filesystem.coalescer import Coalescer, Pending
 from host_agent.collectors.filesystem.paths import text
 from host_agent.collectors.filesystem.relay import OVERFLOW, STOP, Gone, Raw, Relay
-from host_agent.collectors.filesystem.roots import resolve_roots
-from host_agent.collectors.filesystem.rows import RowBuilder, current_stat
+from host_agent.collectors.filesystem.roots import Root, resolve_roots
+from host_agent.collectors.filesystem.rows import RowBuilder, current_stat, snapshot_change
 from host_agent.collectors.filesystem.snapshot import Snapshot, ignore_matcher
 from host_agent.collectors.filesystem.tree import WatchedTree
 from host_agent.collectors.filesystem.watches import WatchSet
-from host_agent.collectors.filesystem.writer import RowHandoff
+from host_agent.collectors.filesystem.writer import Built, Found, RowHandoff
 from host_agent.config import FilesystemCollectorConfig
+from host_agent.errors import StoreError
+from host_agent.store.snapshot import Change, SnapshotReader
 from host_agent.store.writer import Row
 
 FENCE_SECONDS = 2.0
 BURST_EVENTS = 4096
 MAX_WAIT_SECONDS = 5.0
+# While rows wait for room in the store's queue, look again this often.
+HELD_WAIT_SECONDS = 0.01
 
 
 class EventProcessor:
@@ -85,6 +91,9 @@ class EventProcessor:
             retry_seconds=retry_seconds,
         )
         self._finished: list[Row] = []
+        self._effects: list[Change] = []  # each finished row's snapshot change
+        batches.build = self._build
+        self.found_at_start = 0  # changes the start scans found
         self._next_retry = 0.0
         self._last_mono = 0.0  # reader timestamp of the newest event processed
         self._fence_wd: WatchDescriptor | None = None
@@ -124,9 +133,11 @@ class EventProcessor:
             self._log.error("fs.inotify_unavailable", error=str(exc), hint=hint)
             return failed(f"inotify unavailable ({exc})")
         for root in self.tree.roots:
+            found = self._start_scan(root)
             if self._stopping.is_set():
-                return RUNNING
-            self.tree.watch_root(root)
+                return RUNNING  # a scan cut short compares nothing: the next start does
+            self.found_at_start += len(found)
+            self._batches.found(found)
         self._next_retry = time.monotonic() + self._retry_seconds
         self._log.info(
             "fs.watching",
@@ -135,9 +146,42 @@ class EventProcessor:
             watches=self.watches.count,
             unwatched=self.watches.refused,
             watch_limit_hits=self.watches.limit_hits,
+            found_at_start=self.found_at_start,
             seconds=round(time.monotonic() - started, 3),
         )
         return RUNNING
+
+    def _start_scan(self, root: Root) -> list[Found]:
+        """Watch `root` and compare it with its persistent snapshot; what changed since, as
+        rows to be, in order (see `catchup`). A snapshot that cannot be read skips the
+        comparison: nothing found is recorded, the snapshot still matches the rows, and the
+        next start compares."""
+        scan_time = self._clock()
+        present = self.tree.watch_root(root, record=False)
+        if self._stopping.is_set():
+            return []
+        if not present:
+            self.tree.await_root(root)
+        old: SnapshotReader | None = None
+        try:
+            old = SnapshotReader(self._batches.queue.path, root.path)
+            if not present:
+                found = root_gone(root, old, scan_time=scan_time)
+            else:
+                found = Comparison(root, self._snapshot.dirs, old, scan_time=scan_time).compare()
+        except StoreError as exc:
+            self._log.warning(
+                "fs.snapshot_unreadable",
+                root=root.text,
+                error=str(exc),
+                detail="changes made while the agent was not running are not compared now; "
+                "the next start compares them",
+            )
+            return []
+        finally:
+            if old is not None:
+                old.close()
+        return [Found(p, pending) for p, pending in found]
 
     def _read_events(self) -> None:
         while True:
@@ -172,11 +216,13 @@ class EventProcessor:
         for deadline in (self._changes.next_deadline(), self.tree.moves.next_due()):
             if deadline is not None:
                 due = min(due, deadline)
-        return min(max(due - time.monotonic(), 0.0), MAX_WAIT_SECONDS)
+        longest = HELD_WAIT_SECONDS if self._batches.held else MAX_WAIT_SECONDS
+        return min(max(due - time.monotonic(), 0.0), longest)
 
     def _after_burst(self, caught_up: bool) -> None:
         """Write what is due. While events are still queued, "now" is the newest event seen,
         so a slow processor coalesces exactly as a fast one would."""
+        self._batches.pump()
         now = time.monotonic()
         watermark = now if caught_up else self._last_mono
         for move in self.tree.moves.unpaired(watermark):
@@ -218,19 +264,27 @@ class EventProcessor:
 
     def _add_row(self, path: bytes, pending: Pending) -> None:
         """The coalescer's output: a row for `pending`, stat'ed now."""
+        built = self._build(path, pending)
+        if built is not None:
+            self._finished.append(built[0])
+            self._effects.append(built[1])
+
+    def _build(self, path: bytes, pending: Pending) -> Built | None:
+        """The row for `pending` at `path` and its effect on the persistent snapshot."""
         try:
             st = current_stat(path, pending)
             if st is not None:
                 self._snapshot.refresh(path, st)
-            self._finished.append(self._rows.row(path, pending, st))
+            return self._rows.row(path, pending, st), snapshot_change(path, pending, st)
         except Exception as exc:
             self.errors += 1
             self._log.error("fs.row_failed", path=text(path)[0], error=repr(exc), exc_info=True)
+            return None
 
     def _send(self) -> None:
         if self._finished:
-            self._batches.send(self._finished)
-            self._finished = []
+            self._batches.send(self._finished, self._effects)
+            self._finished, self._effects = [], []
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -246,6 +300,7 @@ class EventProcessor:
             self._guard(self.tree.unpaired_from, move)
         self._changes.flush(float("inf"))
         self._send()
+        self._batches.pump(stopping=True)
         if fence is not None:
             shutil.rmtree(fence, ignore_errors=True)
 

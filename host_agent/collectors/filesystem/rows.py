@@ -5,7 +5,11 @@ gone and for directories), `file_extension` is NULL for names without one and fo
 `project_name` is the name of the nearest directory above the path, up to and including the
 root, that contains `.git`; else the root's name. Names that are not valid UTF-8 are written
 with backslash escapes in the text columns and byte for byte in `file_path_raw` (NULL for valid
-UTF-8 paths). Symlinks are recorded like files, with `is_symlink = 1`.
+UTF-8 paths). Symlinks are recorded like files, with `is_symlink = 1`. A `moved` row names its
+source in `previous_path` (and `previous_path_raw`, the same way); NULL for the other kinds.
+`found_at_start` is 1 for rows the start scan found (`catchup`), 0 for changes seen as events.
+
+Each row comes with its effect on the persistent snapshot (`snapshot_change`), written with it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from host_agent.collectors.filesystem.coalescer import DELETED, Pending
 from host_agent.collectors.filesystem.paths import join, text
 from host_agent.collectors.filesystem.roots import Root
+from host_agent.store.snapshot import DIRECTORY, FILE, SYMLINK, Change, Entry
 from host_agent.store.writer import Row
 from host_agent.timefmt import iso
 
@@ -32,6 +37,23 @@ def current_stat(path: bytes, pending: Pending) -> os.stat_result | None:
     with contextlib.suppress(OSError):
         return os.lstat(path)
     return None
+
+
+def snapshot_entry(st: os.stat_result) -> Entry:
+    """What the persistent snapshot keeps of an entry seen as `st` (links not followed)."""
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(DIRECTORY, None, st.st_mtime_ns, st.st_ino)
+    kind = SYMLINK if stat.S_ISLNK(st.st_mode) else FILE
+    return Entry(kind, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def snapshot_change(path: bytes, pending: Pending, st: os.stat_result | None) -> Change:
+    """The effect of `pending`'s row on the persistent snapshot."""
+    if st is not None:
+        entry = snapshot_entry(st)
+    else:
+        entry = Entry(DIRECTORY if pending.is_dir else SYMLINK if pending.was_link else FILE)
+    return Change(pending.root.path, pending.kind, path, pending.source, entry)
 
 
 class RowBuilder:
@@ -59,7 +81,7 @@ class RowBuilder:
         name_text = text(name)[0]
         extension = None if is_dir else (os.path.splitext(name_text)[1] or None)
         event_time = int(pending.at)
-        return {
+        row: dict[str, object] = {
             "event_time": event_time,
             "event_time_iso": self._iso(event_time),
             "event_type": pending.kind,
@@ -74,6 +96,13 @@ class RowBuilder:
             "created_at": int(self._clock()),
             "file_path_raw": raw,
         }
+        # Left to the columns' defaults (NULL, 0) when they have nothing to say: most rows are
+        # written in the same shape as before, which the writer's statement cache likes.
+        if pending.source is not None:
+            row["previous_path"], row["previous_path_raw"] = text(pending.source)
+        if pending.found:
+            row["found_at_start"] = 1
+        return row
 
     def _iso(self, epoch: int) -> str:
         cached_epoch, iso_text = self._iso_cache

@@ -11,7 +11,8 @@ A directory that appears (mkdir, moved in, copied in) is watched and then listed
 everything already inside gets a `created` row, so files made before its watch existed
 (`mkdir -p a/b/c && touch a/b/c/f`) are not missed; a directory that leaves the tree (moved
 out, or a root moved away) gets `deleted` rows for everything known inside it, as `rm -r`
-would. The initial walk is the baseline: what is present at start is not recorded.
+would. The start walk records nothing itself: its result is compared with the persistent
+snapshot afterwards (`catchup`).
 
 After lost events every root is rescanned against the snapshot (per directory: name -> kind
 and a fingerprint of mtime and size); what changed since the last known state is recorded as
@@ -34,6 +35,7 @@ from host_agent.collectors.filesystem.coalescer import CREATED, DELETED, MODIFIE
 from host_agent.collectors.filesystem.paths import join, text
 from host_agent.collectors.filesystem.roots import Root
 from host_agent.collectors.filesystem.watches import WatchSet
+from host_agent.store.snapshot import DIRECTORY, SYMLINK, Entry
 
 # Snapshot entries are small ints: two flag bits and a fingerprint of (mtime_ns, size), so a
 # large tree stays cheap to hold. An entry learnt from an event holds only the flags until its
@@ -48,6 +50,17 @@ def entry(st: os.stat_result) -> int:
         return DIR  # a directory's times change with every entry; its entries are the state
     flags = LINK if stat.S_ISLNK(st.st_mode) else 0
     return ((hash((st.st_mtime_ns, st.st_size)) & _FINGERPRINT_MASK) << 2) | flags
+
+
+def fingerprint(known: Entry) -> int | None:
+    """The in-memory entry for what the persistent snapshot knew (as `entry` makes it from a
+    stat); None when it knew no size or mtime, which then matches nothing."""
+    if known.kind == DIRECTORY:
+        return DIR
+    if known.size is None or known.mtime_ns is None:
+        return None
+    flags = LINK if known.kind == SYMLINK else 0
+    return ((hash((known.mtime_ns, known.size)) & _FINGERPRINT_MASK) << 2) | flags
 
 
 def ignore_matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:

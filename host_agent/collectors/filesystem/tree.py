@@ -2,9 +2,11 @@
 the snapshot, the watches and the pending rows. Runs on the processor thread only.
 
 Created, deleted and moved directories get rows; a directory moved within the roots is one
-`moved` row, its contents are not repeated. Missing roots are logged and checked again every
-`retry_seconds`; a root that disappears while watched (removed, or moved away) gets `deleted`
-rows for what was known inside it and is handled the same way.
+`moved` row naming its source, its contents are not repeated. A move from one root to another
+is a deletion in the first and a creation in the second. Missing roots are logged and checked
+again every `retry_seconds`; a root that disappears while watched (removed, or moved away) gets
+`deleted` rows for what was known inside it and is handled the same way; once it is there
+again, everything in it gets a `created` row.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ class WatchedTree:
 
     # --- roots -----------------------------------------------------------------------------
 
-    def watch_root(self, root: Root) -> None:
-        """Start watching a root that is not watched; its present content is the baseline."""
+    def watch_root(self, root: Root, *, record: bool) -> bool:
+        """Start watching a root that is not watched, walking all of it; with `record`, all
+        its content gets `created` rows (a root found again while running: what was known
+        inside got `deleted` rows when it was lost). False if it is not there."""
         if not os.path.isdir(root.path):
             self._log.warning(
                 "fs.root_missing",
@@ -74,17 +78,30 @@ class WatchedTree:
                 retry_seconds=self._retry_seconds,
                 detail="not an existing directory; skipped until it appears",
             )
-            return
+            return False
         root.watched = True
         self._snapshot.adopt(
-            root.path, root, record=False, mono=time.monotonic(), wall=self._clock()
+            root.path, root, record=record, mono=time.monotonic(), wall=self._clock()
         )
         self._forget_projects()
+        return True
 
     def retry_root(self, root: Root) -> None:
         if os.path.isdir(root.path):
             self._log.info("fs.root_watched", root=root.text)
-            self.watch_root(root)
+            if self.watch_root(root, record=True):
+                parent = os.path.dirname(root.path)
+                if not any(not r.watched and os.path.dirname(r.path) == parent
+                           for r in self.roots):
+                    self._watches.unwatch_parent(parent)
+
+    def await_root(self, root: Root) -> None:
+        """`root` is missing: besides the retry every `retry_seconds`, its parent directory's
+        watch says when something of its name appears there."""
+        parent = os.path.dirname(root.path)
+        if parent != root.path:
+            self._watches.watch_parent(parent)
+        self.retry_root(root)  # it may have come back before the watch was there
 
     def _root_lost(self, root: Root, how: str) -> None:
         now, wall = time.monotonic(), self._clock()
@@ -93,7 +110,14 @@ class WatchedTree:
         )
         root.watched = False
         self._snapshot.forget(root.path, record=True, mono=now, wall=wall)
-        self.retry_root(root)
+        self.await_root(root)
+
+    def _parent_event(self, parent: bytes, name: bytes) -> None:
+        """Something appeared in the directory holding missing roots."""
+        path = join(parent, name)
+        for root in self.roots:
+            if not root.watched and root.path == path:
+                self.retry_root(root)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -102,6 +126,9 @@ class WatchedTree:
         mask = event.mask
         directory = self._watches.path_of(event.wd)
         if directory is None:
+            holder = self._watches.parent_path(event.wd)
+            if holder is not None and event.name:
+                self._parent_event(holder, event.name)
             return
         parent = self._snapshot.dirs.get(directory)
         if parent is None:
@@ -217,6 +244,12 @@ class WatchedTree:
                 self._snapshot.adopt(path, root, record=True, mono=mono, wall=wall)
             return
         source_dir = self._snapshot.dirs.get(source.directory)
+        if source_dir is not None and source_dir.root is not root:
+            # From one root to another: each root's rows replay on their own, so the source
+            # root records a deletion and this one a creation.
+            self.unpaired_from(source)
+            self._moved(None, parent, directory, name, is_dir, ignored, raw)
+            return
         known = source_dir.entries.pop(source.name, None) if source_dir is not None else None
         was_link = known is not None and bool(known & LINK)
         if not is_dir:
@@ -227,12 +260,11 @@ class WatchedTree:
             return
         # Born within the window and renamed: a temporary name, not worth a row of its own.
         temporary = self._changes.renamed_from(source.path)
-        self._changes.emit(path)
+        self._changes.emit_below(path)  # what was there before comes first
         if existed is not None and path in self._snapshot.dirs:
             self._snapshot.forget(path, record=False, mono=mono, wall=wall)
         parent.entries[name] = DIR
         self._snapshot.rename(source.path, path, root)
-        self._changes.rekey(source.path, path, root)  # the source's pending rows move along
         self._forget_projects()
         if temporary or not self._watches.is_watched(path):
             # Renamed before its creation was processed (so never watched or listed), or
@@ -241,8 +273,17 @@ class WatchedTree:
             self._snapshot.adopt(path, root, record=True, mono=mono, wall=wall)
         kind = destination_kind(moved=not temporary, replaced=False)
         self._changes.change(
-            path, kind, root, is_dir=True, mono=mono, wall=wall, was_link=was_link
+            path,
+            kind,
+            root,
+            is_dir=True,
+            mono=mono,
+            wall=wall,
+            was_link=was_link,
+            source=source.path,
         )
+        # The source's pending rows move along, after the directory's own row.
+        self._changes.rekey(source.path, path, root)
 
     def on_watch_gone(self, wd: WatchDescriptor) -> None:
         path = self._watches.gone(wd)

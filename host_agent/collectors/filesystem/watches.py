@@ -49,6 +49,8 @@ WATCH_MASK = Mask(
 # A root may be configured as a symlink to a directory, so its watch follows links; it also
 # reports its own removal or move, which a subdirectory's parent watch reports for the others.
 ROOT_MASK = Mask((WATCH_MASK | _C.IN_DELETE_SELF | _C.IN_MOVE_SELF) & ~_C.IN_DONT_FOLLOW)
+# The directory holding a missing root: tells when something of the root's name appears.
+PARENT_MASK = Mask(_C.IN_CREATE | _C.IN_MOVED_TO | _C.IN_ONLYDIR)
 
 
 @dataclass
@@ -72,6 +74,9 @@ class WatchSet:
         self._paths: dict[WatchDescriptor, bytes] = {}
         # Directories whose watch the inotify limit refused, to be asked again.
         self._refused: set[bytes] = set()
+        # Parents of missing roots, watched for the root's return (apart from the tree).
+        self._parents: dict[bytes, _Watch] = {}
+        self._parent_paths: dict[WatchDescriptor, bytes] = {}
         self._limit_logged = False
         self.limit_hits = 0
 
@@ -155,6 +160,44 @@ class WatchSet:
             path, _C.IN_CREATE, self._relay, CallbackId(next(self._ids))
         )
 
+    def watch_parent(self, path: bytes) -> bool:
+        """Watch the directory `path`, which holds a missing root, for entries appearing in it;
+        True if it is watched now. A failure (gone, the watch limit) only leaves the root to
+        the periodic retry."""
+        fd = self._fd
+        if fd is None:
+            return False
+        if path in self._parents:
+            return True
+        callback_id = CallbackId(next(self._ids))
+        try:
+            wd = fd.add_callback(path, PARENT_MASK, self._relay, callback_id)
+        except OSError:
+            return False
+        if wd < 0 or wd in self._paths:
+            # Not readable, or (a bind mount) the same directory as one of the tree's: its
+            # watch must keep the tree's mask.
+            fd.remove_callbacks([(wd, callback_id)])
+            return False
+        self._parents[path] = _Watch(wd, callback_id)
+        self._parent_paths[wd] = path
+        return True
+
+    def parent_path(self, wd: WatchDescriptor) -> bytes | None:
+        """The directory `wd` watches for a missing root, if it is such a watch."""
+        return self._parent_paths.get(wd)
+
+    def unwatch_parent(self, path: bytes) -> None:
+        watch = self._parents.pop(path, None)
+        if watch is None:
+            return
+        self._parent_paths.pop(watch.wd, None)
+        if self._fd is not None:
+            try:
+                self._fd.remove_callbacks([(watch.wd, watch.callback_id)])
+            except OSError as exc:
+                self._log.debug("fs.unwatch_failed", error=str(exc))
+
     def is_watched(self, path: bytes) -> bool:
         return path in self._by_path
 
@@ -170,6 +213,9 @@ class WatchSet:
 
     def gone(self, wd: WatchDescriptor) -> bytes | None:
         """The kernel dropped `wd`; the path it was watching, if that was its current watch."""
+        parent = self._parent_paths.pop(wd, None)
+        if parent is not None:
+            self._parents.pop(parent, None)
         path = self._paths.pop(wd, None)
         if path is None:
             return None

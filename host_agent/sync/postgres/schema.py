@@ -18,7 +18,7 @@ import asyncpg
 
 from host_agent.errors import SchemaMismatch, SinkAuthFailed
 
-REQUIRED_SCHEMA_VERSION = 3  # store identity in every key, partitioned event tables
+REQUIRED_SCHEMA_VERSION = 5  # file history: previous_path, found_at_start
 ALTER_VERSION_BASE = 1000
 # Serialises concurrent init-db runs (and column additions) from many hosts against one server.
 _INIT_LOCK_KEY = 0x686F7374_6167  # "hostag"
