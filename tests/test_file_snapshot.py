@@ -46,12 +46,13 @@ def row_for(change: Change) -> dict[str, object]:
 def test_migration_0007_adds_the_columns_and_tables_to_an_existing_file(tmp_path: Path) -> None:
     db = tmp_path / "file_changes.db"
     previous = dataclasses.replace(FILE_CHANGES, migrations=FILE_CHANGES.migrations[:6])
+    later = dataclasses.replace(FILE_CHANGES, migrations=FILE_CHANGES.migrations[:7])
     writer = RowWriter(db, previous)  # a file as the previous agent left it, with a row
     [old_id] = writer.insert_many([file_event(1)])
     writer.close()
     conn = connect(db)
     try:
-        assert migrate(conn, FILE_CHANGES) == ["0007_file_history"]
+        assert migrate(conn, later) == ["0007_file_history"]
         columns = {
             r[1]: (r[2], r[3], r[4]) for r in conn.execute("PRAGMA table_info(file_change_events)")
         }
@@ -59,7 +60,7 @@ def test_migration_0007_adds_the_columns_and_tables_to_an_existing_file(tmp_path
         assert columns["previous_path_raw"] == ("BLOB", 0, None)
         assert columns["found_at_start"] == ("INTEGER", 1, "0")
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
-        assert migrate(conn, FILE_CHANGES) == []
+        assert migrate(conn, later) == []
     finally:
         conn.close()
     [(found, previous)] = local_query(

@@ -47,7 +47,7 @@ def test_file_change_events_has_every_column_of_the_plan(tmp_path: Path) -> None
         for name, sql_type in plan.items():
             assert columns[name][0] == sql_type, name
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(file_change_events)")}
-        assert {"idx_file_event_time", "idx_file_synced_at"} <= indexes
+        assert {"idx_file_event_time", "idx_file_unsynced"} <= indexes
     finally:
         conn.close()
 

