@@ -27,6 +27,7 @@ from host_agent.sync.loop import SyncLoop
 from host_agent.sync.postgres.sink import PostgresSink
 from host_agent.sync.source import LocalSource
 from host_agent.sync.transport import Transport
+from host_agent.sync.verify import RangeReader
 
 # `sync --once` gives up sooner than the daemon, which has all the time in the world.
 ONCE_RETRY_POLICY = RetryPolicy(base=0.5, cap=2.0)
@@ -64,20 +65,29 @@ def require_url(config: AgentConfig) -> str:
 
 def make_transport(config: AgentConfig) -> Transport:
     """Where sync runs send rows: the gateway when `gateway.url` is set, else PostgreSQL."""
+    return _gateway(config) or make_sink(config)
+
+
+def make_range_reader(config: AgentConfig) -> RangeReader:
+    """The server's side of `verify`, reached the way sync reaches it."""
+    return _gateway(config) or make_sink(config)
+
+
+def _gateway(config: AgentConfig) -> GatewayTransport | None:
     gateway = config.gateway
     token = config.gateway_token
-    if gateway.url and token:
-        register_secret(token)
-        sync = config.data_sync
-        return GatewayTransport(
-            gateway.url,
-            token,
-            config.host,
-            ca_file=str(gateway.ca_file) if gateway.ca_file else None,
-            connect_timeout=sync.connect_timeout_seconds,
-            command_timeout=sync.command_timeout_seconds,
-        )
-    return make_sink(config)
+    if not (gateway.url and token):
+        return None
+    register_secret(token)
+    sync = config.data_sync
+    return GatewayTransport(
+        gateway.url,
+        token,
+        config.host,
+        ca_file=str(gateway.ca_file) if gateway.ca_file else None,
+        connect_timeout=sync.connect_timeout_seconds,
+        command_timeout=sync.command_timeout_seconds,
+    )
 
 
 def make_sink(config: AgentConfig) -> PostgresSink:

@@ -20,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
+from host_agent.store.digests import Probe
 from host_agent.sync.postgres.connect import close_quietly, connect
 from host_agent.sync.postgres.errors import translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan
+from host_agent.sync.postgres.ranges import read_ranges
 from host_agent.sync.postgres.schema import apply_schema, check_host, check_schema, read_table
 from host_agent.sync.postgres.writes import Progress, write_batch, write_sync_logs
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
+from host_agent.sync.verify import RangeAnswer
 
 
 class PostgresSink:
@@ -201,3 +205,21 @@ class PostgresSink:
                 await write_sync_logs(
                     conn, self.host, store_id, runs, command_timeout=self._command_timeout
                 )
+
+    async def verify_ranges(
+        self,
+        table: str,
+        store_id: str,
+        probes: Sequence[Probe],
+        ranges: Sequence[tuple[int, int]],
+    ) -> RangeAnswer:
+        """Digests and row versions of this host's rows of `store_id` (`host-agent verify`),
+        read in one read-only transaction (`postgres.ranges`)."""
+        async with self._guard():
+            conn = self._connection()
+            store = uuid.UUID(store_id)
+            timeout = self._command_timeout
+            async with conn.transaction(readonly=True):
+                found, listed = await read_ranges(conn, table, self.host, store, probes, ranges,
+                                                  command_timeout=timeout)  # fmt: skip
+        return RangeAnswer(found, listed)
