@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mark the rows the server lacks or holds older unsynced, so the next sync "
         "ships them",
     )
+    backup = sub.add_parser(
+        "backup", help="a consistent copy of every local store, with a manifest (safe while "
+        "the agent runs)"
+    )
+    backup.add_argument(
+        "--out", required=True, type=Path, metavar="DIR",
+        help="a new or empty directory for the copies and manifest.json",
+    )  # fmt: skip
     sub.add_parser(
         "gateway", help="serve the HTTPS ingest API for hosts without database credentials"
     )
@@ -299,6 +307,19 @@ def _verify(args: argparse.Namespace, config: AgentConfig) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.backup import backup
+
+    done = backup(config, args.out)
+    for store in done.stores:
+        print(
+            f"{store.table}: {store.file} ({store.size:,} bytes, {store.rows:,} row(s), "
+            f"{store.unsynced:,} unsynced), store {store.store_id}"
+        )
+    print(f"wrote {done.manifest}")
+    return 0
+
+
 def _gateway(args: argparse.Namespace, config: AgentConfig) -> int:
     from host_agent.commands.gateway import main as gateway_main
 
@@ -354,6 +375,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
     "import": _import,
     "ack": _ack,
     "verify": _verify,
+    "backup": _backup,
     "gateway": _gateway,
     "admin": _admin,
     "local-postgres": _local_postgres,

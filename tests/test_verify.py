@@ -28,6 +28,7 @@ from support.data import (
 )
 from support.gateway import GatewayProcess, add_host_token
 
+from host_agent.commands.backup import backup
 from host_agent.commands.sync import sync_once
 from host_agent.commands.verify import verify
 from host_agent.config import AgentConfig
@@ -221,20 +222,19 @@ async def test_rows_pruned_locally_are_reported_as_on_the_server_only_and_never_
     assert count[0]["n"] == 415
 
 
-async def test_a_store_restored_from_an_older_copy_moves_past_what_its_original_shipped(
+async def test_a_store_restored_from_a_backup_moves_past_what_its_original_shipped_after(
     schema_url: str, make_config: Callable[..., AgentConfig], tmp_path: Path
 ) -> None:
     """The server holds rows an older copy of this store never had (its original went on
     shipping after the copy was taken): verify says so, and --repair moves the id sequence
-    and change counter past them, so rows made after the restore keep identities of their
-    own instead of being dropped as already there."""
+    and change counter past them, so rows made after the restore get ids of their own instead
+    of ids the server already holds rows under."""
     config = make_config(schema_url)
     db = config.database.file_events_db
     insert_file_events(db, [file_event(i) for i in range(100)])
     assert (await sync_once(config)).synced == 100
-    copy = tmp_path / "copy.db"
+    backup(config, tmp_path / "backup")
     conn = sqlite3.connect(db)
-    conn.execute("VACUUM INTO ?", (str(copy),))
     conn.execute(f"UPDATE {TABLE} SET file_size = 1 WHERE id <= 5")  # newer versions ...
     conn.commit()
     conn.close()
@@ -243,7 +243,7 @@ async def test_a_store_restored_from_an_older_copy_moves_past_what_its_original_
     counter = int(local_query(db, "SELECT value FROM sync_counter")[0][0])
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    shutil.copy(copy, db)
+    shutil.copy(tmp_path / "backup" / db.name, db)
 
     found = await file_verify(config)
     assert found.beyond == 50 and found.beyond_last_id == 150

@@ -375,9 +375,10 @@ def advance(
     `version`, in one transaction; return which of the two moved.
 
     For a store restored from a backup whose original went on shipping: the server holds ids
-    and versions this copy never gave. New rows must not reuse those ids (an upsert would keep
-    the server's row of the same identity and version and drop the new one), and a new version
-    of a row must be newer than the server's."""
+    and versions this copy never gave. New rows must not reuse those ids (the server would
+    hold two rows under one id, or, when their times match too, keep the original's and drop
+    the new one as already there), and a new version of a row must be newer than the
+    server's."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         seq = conn.execute(
