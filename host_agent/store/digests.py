@@ -11,7 +11,8 @@ same SQL text, from `hash_sql`: one definition for both ends.
 A mix squares an intermediate, so it is not linear: changes to two rows do not cancel out in
 a sum the way they would with `sum(id * k + version)`. Two independent 31-bit mixes make two
 different sets of `(id, version)` pairs with the same count agree by chance about once in
-2**60 comparisons.
+2**60 comparisons; what travels and is compared is a 56-bit fingerprint of the count and both
+sums (`fingerprint`), so a differing bucket passes for equal about once in 2**56.
 
 A range is split into equal-width buckets: bucket `(id - lo) / width` of `[lo, hi)`. Ids are
 below 2**62 (SQLite's AUTOINCREMENT never gets near).
@@ -171,7 +172,9 @@ def digests(
 
 
 @dataclass(frozen=True)
-class LocalRow:
+class ListedRow:
+    """A local row as verify lists it: synced or not yet."""
+
     row_id: int
     version: int
     synced: bool
@@ -179,7 +182,7 @@ class LocalRow:
 
 def rows(
     conn: sqlite3.Connection, table: LocalTable, ranges: Sequence[tuple[int, int]]
-) -> list[dict[int, LocalRow]]:
+) -> list[dict[int, ListedRow]]:
     """Per range `[lo, hi)`, every local row in it (synced or not), by id."""
     sql = (
         f"SELECT id, row_version, synced_at IS NOT NULL FROM {table.name} "
@@ -187,7 +190,7 @@ def rows(
     )
     return [
         {
-            int(r[0]): LocalRow(int(r[0]), int(r[1]), bool(r[2]))
+            int(r[0]): ListedRow(int(r[0]), int(r[1]), bool(r[2]))
             for r in conn.execute(sql, (lo, hi))
         }
         for lo, hi in ranges

@@ -52,7 +52,7 @@ import orjson
 
 from host_agent.store import digests, journal
 from host_agent.store.connection import AsyncConnection
-from host_agent.store.digests import ID_LIMIT, LocalExtent, LocalRow, Probe, ProbeDigest
+from host_agent.store.digests import ID_LIMIT, ListedRow, LocalExtent, Probe, ProbeDigest
 from host_agent.store.tables import LocalTable
 
 FANOUT = 32  # buckets a differing range is split into
@@ -168,7 +168,7 @@ class LocalRanges:
     async def digests(self, probes: Sequence[Probe]) -> list[ProbeDigest]:
         return await self._conn.run(digests.digests, self.table, probes)
 
-    async def rows(self, ranges: Sequence[tuple[int, int]]) -> list[dict[int, LocalRow]]:
+    async def rows(self, ranges: Sequence[tuple[int, int]]) -> list[dict[int, ListedRow]]:
         return await self._conn.run(digests.rows, self.table, ranges)
 
     async def requeue(self, rows: Sequence[tuple[int, int]]) -> int:
@@ -309,9 +309,9 @@ async def _narrow(
 
 def _judge(
     report: TableVerify,
-    before: dict[int, LocalRow],
+    before: dict[int, ListedRow],
     server: dict[int, int],
-    after: dict[int, LocalRow],
+    after: dict[int, ListedRow],
 ) -> None:
     for row_id in sorted(before.keys() | server.keys() | after.keys()):
         ours, theirs = before.get(row_id), server.get(row_id)
