@@ -23,6 +23,7 @@ from host_agent.errors import (
     EXIT_UNEXPECTED,
     ConfigError,
     HostAgentError,
+    VerifyMismatch,
 )
 from host_agent.logging import configure_logging, redact, register_secret, register_url
 
@@ -118,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("files", nargs="+", type=Path, metavar="FILE")
     ack = sub.add_parser("ack", help="mark synced what a bundle's receipt says the server took")
     ack.add_argument("receipt", type=Path, metavar="RECEIPT")
+    verify = sub.add_parser(
+        "verify",
+        help="compare the synced rows with the server's copy by range hashes (no rows shipped)",
+    )
+    verify.add_argument("--table", metavar="TABLE", help="only this table")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="mark the rows the server lacks or holds older unsynced, so the next sync "
+        "ships them",
+    )
+    backup = sub.add_parser(
+        "backup", help="a consistent copy of every local store, with a manifest (safe while "
+        "the agent runs)"
+    )
+    backup.add_argument(
+        "--out", required=True, type=Path, metavar="DIR",
+        help="a new or empty directory for the copies and manifest.json",
+    )  # fmt: skip
     sub.add_parser(
         "gateway", help="serve the HTTPS ingest API for hosts without database credentials"
     )
@@ -276,6 +296,38 @@ def _ack(args: argparse.Namespace, config: AgentConfig) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace, config: AgentConfig) -> int:
+    import asyncio
+
+    from host_agent.commands.verify import render, verify
+
+    results = asyncio.run(verify(config, args.table, repair=args.repair))
+    for result in results:
+        for line in render(result):
+            print(line)
+    unrepaired = [r for r in results if r.needs_repair and not r.repaired]
+    if unrepaired:
+        raise VerifyMismatch(
+            f"{sum(r.differences for r in unrepaired):,} row(s) differ from the server's copy "
+            f"in {', '.join(r.table for r in unrepaired)}: `host-agent verify --repair` "
+            "marks them for the next sync"
+        )
+    return 0
+
+
+def _backup(args: argparse.Namespace, config: AgentConfig) -> int:
+    from host_agent.commands.backup import backup
+
+    done = backup(config, args.out)
+    for store in done.stores:
+        print(
+            f"{store.table}: {store.file} ({store.size:,} bytes, {store.rows:,} row(s), "
+            f"{store.unsynced:,} unsynced), store {store.store_id}"
+        )
+    print(f"wrote {done.manifest}")
+    return 0
+
+
 def _gateway(args: argparse.Namespace, config: AgentConfig) -> int:
     from host_agent.commands.gateway import main as gateway_main
 
@@ -330,6 +382,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, AgentConfig], int]] = {
     "export": _export,
     "import": _import,
     "ack": _ack,
+    "verify": _verify,
+    "backup": _backup,
     "gateway": _gateway,
     "admin": _admin,
     "local-postgres": _local_postgres,

@@ -11,6 +11,8 @@
     ├── EmbeddedPostgresError   the embedded PostgreSQL could not be set up or run     1     no
     ├── BundleRefused           a bundle or receipt that is damaged, altered, or not   12    no
     │                           for this store: nothing was applied or marked
+    ├── VerifyMismatch          `verify` found rows the server lacks or holds at       13    no
+    │                           another version (run `verify --repair`)
     ├── StoreError              the local SQLite store failed                          1     no
     │   ├── StoreUnavailable    locked by another process, disk full, I/O error,       11    yes
     │   │                       read-only file: a fault that can clear by itself
@@ -74,6 +76,10 @@ class EmbeddedPostgresError(HostAgentError):
 
 class BundleRefused(HostAgentError):
     exit_code = 12
+
+
+class VerifyMismatch(HostAgentError):
+    exit_code = 13
 
 
 class StoreError(HostAgentError):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from host_agent.collectors.base import Collector
 from host_agent.config import AgentConfig
@@ -26,6 +27,10 @@ from host_agent.sync.loop import SyncLoop
 from host_agent.sync.postgres.sink import PostgresSink
 from host_agent.sync.source import LocalSource
 from host_agent.sync.transport import Transport
+from host_agent.sync.verify import RangeReader
+
+if TYPE_CHECKING:
+    from host_agent.sync.gateway_client import GatewayTransport
 
 # `sync --once` gives up sooner than the daemon, which has all the time in the world.
 ONCE_RETRY_POLICY = RetryPolicy(base=0.5, cap=2.0)
@@ -63,24 +68,33 @@ def require_url(config: AgentConfig) -> str:
 
 def make_transport(config: AgentConfig) -> Transport:
     """Where sync runs send rows: the gateway when `gateway.url` is set, else PostgreSQL."""
+    return _gateway(config) or make_sink(config)
+
+
+def make_range_reader(config: AgentConfig) -> RangeReader:
+    """The server's side of `verify`, reached the way sync reaches it."""
+    return _gateway(config) or make_sink(config)
+
+
+def _gateway(config: AgentConfig) -> GatewayTransport | None:
     gateway = config.gateway
     token = config.gateway_token
-    if gateway.url and token:
-        # Imported here: aiohttp costs a tenth of a second to import, which a host syncing
-        # straight to PostgreSQL never needs.
-        from host_agent.sync.gateway_client import GatewayTransport
+    if not (gateway.url and token):
+        return None
+    # Imported here: aiohttp costs a tenth of a second to import, which a host syncing
+    # straight to PostgreSQL never needs.
+    from host_agent.sync.gateway_client import GatewayTransport
 
-        register_secret(token)
-        sync = config.data_sync
-        return GatewayTransport(
-            gateway.url,
-            token,
-            config.host,
-            ca_file=str(gateway.ca_file) if gateway.ca_file else None,
-            connect_timeout=sync.connect_timeout_seconds,
-            command_timeout=sync.command_timeout_seconds,
-        )
-    return make_sink(config)
+    register_secret(token)
+    sync = config.data_sync
+    return GatewayTransport(
+        gateway.url,
+        token,
+        config.host,
+        ca_file=str(gateway.ca_file) if gateway.ca_file else None,
+        connect_timeout=sync.connect_timeout_seconds,
+        command_timeout=sync.command_timeout_seconds,
+    )
 
 
 def make_sink(config: AgentConfig) -> PostgresSink:

@@ -3,6 +3,8 @@
     GET  /v1/hello     the host a token belongs to (agents check it once per run)
     POST /v1/bundles   a bundle (zstd JSON Lines, docs/BUNDLE_FORMAT.md) -> its receipt
     POST /v1/runs      {"store_id": ..., "runs": [...]} -> sync_logs
+    POST /v1/verify/ranges  range digests and row versions of the token's host, for
+                       `host-agent verify` (format: `host_agent.sync.verify`)
     GET  /health       JSON: ready, pool size and free connections
     GET  /metrics      Prometheus text
 
@@ -34,8 +36,10 @@ from host_agent.errors import BundleRefused, SchemaMismatch, SinkUnavailable
 from host_agent.sync.bundle import read_bundle
 from host_agent.sync.postgres.apply import apply_bundle
 from host_agent.sync.postgres.errors import translate
+from host_agent.sync.postgres.ranges import TABLE_NAMES, read_ranges
 from host_agent.sync.postgres.writes import write_sync_logs
 from host_agent.sync.records import RunRecord
+from host_agent.sync.verify import RangeAnswer, decode_request, encode_answer
 
 log = structlog.get_logger("host_agent.gateway")
 RETRY_AFTER_SECONDS = 5
@@ -204,6 +208,26 @@ async def post_runs(request: web.Request) -> web.Response:
     return web.json_response({"written": len(runs)})
 
 
+async def post_verify_ranges(request: web.Request) -> web.Response:
+    """Digests and row versions of one store of the token's host: a host reads only its own
+    rows, whatever the body names."""
+    gateway: Gateway = request.app["gateway"]
+    token = _token_hash(request)
+    try:
+        asked = decode_request(await request.read(), TABLE_NAMES)
+    except ValueError as exc:
+        raise _error(web.HTTPBadRequest, str(exc)) from None
+    timeout = gateway.command_timeout
+    async with gateway.connection() as conn:
+        host = await _host_of(conn, token)
+        async with conn.transaction(readonly=True):
+            found, listed = await read_ranges(conn, asked.table, host, asked.store_id,
+                                              asked.probes, asked.ranges,
+                                              command_timeout=timeout)  # fmt: skip
+    return web.Response(body=encode_answer(RangeAnswer(found, listed), asked.ranges),
+                        content_type="application/json")  # fmt: skip
+
+
 async def health(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
     body: dict[str, Any] = {
@@ -229,6 +253,7 @@ def make_app(gateway: Gateway, *, max_body_bytes: int) -> web.Application:
     app.router.add_get("/v1/hello", _counted("hello", hello))
     app.router.add_post("/v1/bundles", _counted("bundles", post_bundle))
     app.router.add_post("/v1/runs", _counted("runs", post_runs))
+    app.router.add_post("/v1/verify/ranges", _counted("verify", post_verify_ranges))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

@@ -7,6 +7,8 @@
     synced_at           the mark on each data row ("this version is on the server")
     store_identity      the store's identity (read here; made once by its migration)
     sync_exports        bundles exported by `host-agent export`, until `ack` settles them
+    sqlite_sequence     the id sequence, moved past the server's ids by `verify --repair`
+                        after a restore (`advance`, with the counter)
 
 Every function takes a `sqlite3.Connection` and blocks: the sync engine calls them on its
 connections' worker threads (`host_agent.store.connection.AsyncConnection`), `status`,
@@ -356,3 +358,65 @@ def settle_export(
         (stamp, export.bundle_id),
     )
     return marked
+
+
+# --- verify's repair (rows the server lost) -------------------------------------------------
+
+
+def requeue(conn: sqlite3.Connection, table: LocalTable, rows: Sequence[tuple[int, int]]) -> int:
+    """Mark unsynced the rows `(id, row_version)` the server lacks or holds at an older
+    version, in one transaction; return how many were marked.
+
+    Only a row still synced at that version is marked (one changed since verify looked is
+    unsynced already, or shipped anew). Clearing `synced_at` fires the change trigger like any
+    other change: the row gets a new version from the counter and ships as newer than any copy
+    the server holds from this store."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        marked = 0
+        for row_id, version in rows:
+            marked += conn.execute(
+                f"UPDATE {table.name} SET synced_at = NULL "
+                "WHERE id = ? AND row_version = ? AND synced_at IS NOT NULL",
+                (row_id, version),
+            ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback_quietly(conn)
+        raise
+    return marked
+
+
+def advance(
+    conn: sqlite3.Connection, table: LocalTable, *, last_id: int, version: int
+) -> tuple[bool, bool]:
+    """Move the table's id sequence to at least `last_id` and the change counter to at least
+    `version`, in one transaction; return which of the two moved.
+
+    For a store restored from a backup whose original went on shipping: the server holds ids
+    and versions this copy never gave. New rows must not reuse those ids (the server would
+    hold two rows under one id, or, when their times match too, keep the original's and drop
+    the new one as already there), and a new version of a row must be newer than the
+    server's."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        seq = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (table.name,)
+        ).fetchone()
+        moved_id = (int(seq[0]) if seq is not None else 0) < last_id
+        if moved_id and seq is None:
+            conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table.name, last_id)
+            )
+        elif moved_id:
+            conn.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = ?", (last_id, table.name)
+            )
+        moved_version = conn.execute(
+            "UPDATE sync_counter SET value = ? WHERE id = 1 AND value < ?", (version, version)
+        ).rowcount > 0
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback_quietly(conn)
+        raise
+    return moved_id, moved_version

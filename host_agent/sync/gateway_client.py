@@ -5,7 +5,7 @@ Each batch travels as one zstd-compressed bundle (`sync/bundle.py`, the same for
 rows written and rows refused, which the engine marks and quarantines exactly as after a direct
 write. A batch sent again after a lost answer is harmless (rows are upserted by version; a
 bundle the gateway applied already answers with its first receipt). Runs for `sync_logs` go by
-`POST /v1/runs`.
+`POST /v1/runs`; `host-agent verify`'s range digests by `POST /v1/verify/ranges`.
 
 What the gateway says, and what the engine makes of it:
   200 receipt                        written and refused rows
@@ -33,8 +33,10 @@ from host_agent.errors import (
     SinkError,
     SinkUnavailable,
 )
+from host_agent.store.digests import Probe
 from host_agent.sync.bundle import TableSummary, encode_lines, new_meta, values_line
 from host_agent.sync.records import LocalRow, Rejection, RunRecord, Selection, WriteOutcome
+from host_agent.sync.verify import RangeAnswer, decode_answer, encode_request
 
 BUNDLE_TYPE = "application/vnd.host-agent.bundle+zstd"
 BOOKKEEPING = frozenset({"id", "row_version", "synced_at"})
@@ -107,6 +109,7 @@ class GatewayTransport:
         self._session: aiohttp.ClientSession | None = None
         self._checked = False  # the gateway answered /v1/hello for this token
         self._closed = False
+        self.exchanged_bytes = 0  # request and answer bodies of verify's calls
 
     def __repr__(self) -> str:  # never the token
         return f"GatewayTransport(url={self._url!r}, host={self.host!r})"
@@ -133,6 +136,20 @@ class GatewayTransport:
         self, method: str, path: str, *, data: bytes | None = None, json_body: Any = None,
         content_type: str | None = None, connect_timeout: float | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        body = await self._call_raw(method, path, data=data, json_body=json_body,
+                                    content_type=content_type, connect_timeout=connect_timeout)
+        try:
+            answer: dict[str, Any] = json.loads(body)
+        except ValueError as exc:
+            self._checked = False
+            raise SinkUnavailable(f"gateway unreachable: {type(exc).__name__}: {exc}") from None
+        return answer
+
+    async def _call_raw(
+        self, method: str, path: str, *, data: bytes | None = None, json_body: Any = None,
+        content_type: str | None = None, connect_timeout: float | None = None,
+    ) -> bytes:  # fmt: skip
+        """The answer's body when the status is 200; else the error the status means."""
         headers = {"Content-Type": content_type} if content_type else {}
         timeout = None
         if connect_timeout is not None:
@@ -146,11 +163,10 @@ class GatewayTransport:
                 method, self._url + path, data=data, json=json_body, headers=headers,
                 timeout=timeout,
             ) as response:  # fmt: skip
-                text = await response.text()
+                body = await response.read()
                 if response.status == 200:
-                    answer: dict[str, Any] = json.loads(text)
-                    return answer
-                raise self._refusal(response, text)
+                    return body
+                raise self._refusal(response, body.decode("utf-8", "replace"))
         except HostAgentError:
             raise
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -238,3 +254,20 @@ class GatewayTransport:
                 "/v1/runs",
                 json_body={"store_id": store_id, "runs": [run.__dict__ for run in runs]},
             )
+
+    async def verify_ranges(
+        self,
+        table: str,
+        store_id: str,
+        probes: Sequence[Probe],
+        ranges: Sequence[tuple[int, int]],
+    ) -> RangeAnswer:
+        """`host-agent verify`'s call: `POST /v1/verify/ranges` (the host is the token's)."""
+        body = encode_request(table, store_id, probes, ranges)
+        answer = await self._call_raw("POST", "/v1/verify/ranges", data=body,
+                                      content_type="application/json")  # fmt: skip
+        self.exchanged_bytes += len(body) + len(answer)
+        try:
+            return decode_answer(answer, probes, ranges)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SinkError(f"the gateway's verify answer is not understood: {exc}") from None

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
+from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter, prepare_file
 from host_agent.sync.postgres.schema import apply_schema, schema_files
 
 
@@ -85,6 +86,44 @@ def bulk_file_events(path: Path, count: int, *, start: int = 0) -> None:
         conn.executemany(
             f"INSERT INTO file_change_events ({', '.join(columns)}) VALUES ({marks})",
             (tuple(file_event(i).values()) for i in range(start + 1, start + count)),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def varied_file_events(path: Path, count: int, *, seed: int = 7) -> None:
+    """Many rows fast whose values vary as real ones do (random names, folders, sizes, event
+    types over a month), so compressed sizes are realistic: `bulk_file_events` repeats one
+    row, which compresses to almost nothing."""
+    rng = random.Random(seed)
+    prepare_file(path, FILE_CHANGES)
+    start = int(time.time()) - 30 * 86400
+    projects = ["host-agent", "website", "infra", "notes", "ml-experiments"]
+    extensions = [".py", ".md", ".ts", ".json", ".rs", ".go", ".txt", ".yaml", ""]
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(count):
+            t = start + i * (30 * 86400) // max(1, count)
+            project = projects[rng.randrange(len(projects))]
+            ext = extensions[rng.randrange(len(extensions))]
+            name = f"file_{rng.randrange(50_000)}{ext}"
+            rel = f"src/pkg{rng.randrange(40)}/{name}"
+            root = f"/home/dev/{project}"
+            yield (
+                t, datetime.fromtimestamp(t, UTC).isoformat(),
+                ("created", "modified", "deleted", "moved")[rng.randrange(4)],
+                f"{root}/{rel}", rel, name, ext or None, rng.randrange(1, 2_000_000), 0, root,
+                project, t,
+            )  # fmt: skip
+
+    conn = sqlite3.connect(path)
+    try:
+        conn.executemany(
+            "INSERT INTO file_change_events (event_time, event_time_iso, event_type, file_path, "
+            "file_path_relative, file_name, file_extension, file_size, is_symlink, "
+            "monitored_root, project_name, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows(),
         )
         conn.commit()
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -27,10 +28,12 @@ import asyncpg
 import structlog
 
 from host_agent.errors import HostAgentError, SinkError, SinkUnavailable
+from host_agent.store.digests import Probe
 from host_agent.sync.postgres.codecs import use_row_codecs
 from host_agent.sync.postgres.connect import close_quietly, connect
 from host_agent.sync.postgres.errors import translate
 from host_agent.sync.postgres.plan import TablePlan, build_plan, missing_columns
+from host_agent.sync.postgres.ranges import read_ranges
 from host_agent.sync.postgres.schema import (
     add_columns,
     apply_schema,
@@ -41,6 +44,7 @@ from host_agent.sync.postgres.schema import (
 )
 from host_agent.sync.postgres.writes import Progress, write_batch, write_sync_logs
 from host_agent.sync.records import Rejection, RunRecord, WriteOutcome
+from host_agent.sync.verify import RangeAnswer
 
 log = structlog.get_logger("host_agent.sync")
 
@@ -226,3 +230,21 @@ class PostgresSink:
                 await write_sync_logs(
                     conn, self.host, store_id, runs, command_timeout=self._command_timeout
                 )
+
+    async def verify_ranges(
+        self,
+        table: str,
+        store_id: str,
+        probes: Sequence[Probe],
+        ranges: Sequence[tuple[int, int]],
+    ) -> RangeAnswer:
+        """Digests and row versions of this host's rows of `store_id` (`host-agent verify`),
+        read in one read-only transaction (`postgres.ranges`)."""
+        async with self._guard():
+            conn = self._connection()
+            store = uuid.UUID(store_id)
+            timeout = self._command_timeout
+            async with conn.transaction(readonly=True):
+                found, listed = await read_ranges(conn, table, self.host, store, probes, ranges,
+                                                  command_timeout=timeout)  # fmt: skip
+        return RangeAnswer(found, listed)
