@@ -195,6 +195,30 @@ def export_csv(db: Path, table: str, columns: list[tuple[str, str]], out: Path) 
     return names
 
 
+def server_cpu(pg: LocalPostgres) -> float:
+    """CPU seconds used so far by the cluster's processes (postmaster and its children, the
+    exited ones included through the postmaster's children's times)."""
+    pid = pg.postmaster_pid()
+    if pid is None:
+        return 0.0
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ppid = int(fields[1])
+        if int(entry.name) == pid or ppid == pid:
+            # utime, stime, and for the postmaster the times of its reaped children
+            times = [int(x) for x in fields[11:15]]
+            total += (sum(times[:2]) + (sum(times[2:]) if int(entry.name) == pid else 0)) / tick
+    return total
+
+
 def run_psql(pg: LocalPostgres, db: str, command: str) -> float:
     env = dict(os.environ, PGPASSWORD=pg.password)
     started = time.perf_counter()
@@ -238,9 +262,11 @@ def one_run(
 ) -> dict[str, float]:
     for name in ("reference", "agent"):
         fresh_database(pg, name)
+    before = server_cpu(pg)
     reference_s = run_psql(
         pg, "reference", f"\\copy {table} ({', '.join(names)}) FROM '{csv_path}' CSV"
     )
+    reference_server_cpu = server_cpu(pg) - before
     db = work / "local.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -251,6 +277,7 @@ def one_run(
     if batch_size:
         env["HOST_AGENT_DATA_SYNC_BATCH_SIZE"] = str(batch_size)
     prefix = os.environ.get("BENCH_AGENT_PREFIX", "").split()
+    before = server_cpu(pg)
     started = time.perf_counter()
     proc = subprocess.Popen(
         [*prefix, agent_executable(), "--config", str(config), "--log-level", "warning",
@@ -259,6 +286,7 @@ def one_run(
     )  # fmt: skip
     _, status, usage = os.wait4(proc.pid, 0)
     agent_s = time.perf_counter() - started
+    agent_server_cpu = server_cpu(pg) - before
     proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = proc.communicate()
     if proc.returncode != 0:
@@ -274,6 +302,8 @@ def one_run(
         "agent_s": agent_s,
         "ratio": reference_s / agent_s,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "server_cpu_ref": reference_server_cpu,
+        "server_cpu_agent": agent_server_cpu,
         "rss_mb": usage.ru_maxrss / 1024,
     }
 
@@ -297,7 +327,7 @@ def throughput(args: argparse.Namespace) -> int:
         print(f"rows: {args.rows:,}  table: {args.table}  shape: {args.shape}  "
               f"batch_size: {batch}")  # fmt: skip
         print("run | (a) psql \\copy          | (b) host-agent sync --once | ratio | "
-              "agent CPU | agent peak RSS")  # fmt: skip
+              "agent CPU | agent peak RSS | server CPU (a) (b)")  # fmt: skip
         ratios = []
         for run in range(1, args.runs + 1):
             r = one_run(pg, work, source, args.table, csv_path, names, args.rows,
@@ -307,7 +337,8 @@ def throughput(args: argparse.Namespace) -> int:
                 f"{run:3} | {args.rows / r['reference_s']:9,.0f} rows/s "
                 f"({r['reference_s']:5.2f} s) | {args.rows / r['agent_s']:9,.0f} rows/s "
                 f"({r['agent_s']:5.2f} s)     | {r['ratio']:5.2f} | {r['cpu_s']:7.2f} s | "
-                f"{r['rss_mb']:6.1f} MB",
+                f"{r['rss_mb']:6.1f} MB      | {r['server_cpu_ref']:5.2f} s "
+                f"{r['server_cpu_agent']:5.2f} s",
                 flush=True,
             )
         print(f"median ratio (b)/(a): {statistics.median(ratios):.2f}  "

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -166,6 +167,21 @@ class Attempts:
 
 async def _connected() -> None:
     """The operation of a try that only needs the connection (`_with_retries` opens it)."""
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while batches flow. Shipping allocates a few
+    tuples per row and none of them in a cycle, yet every 700 allocations the collector walks
+    the young objects, which are mostly the batches in flight: a tenth of a large sync's CPU
+    went there. Reference counting still frees everything as before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 async def finish_even_if_cancelled(awaitable: Awaitable[T]) -> T:
@@ -390,6 +406,18 @@ class SyncEngine:
         fails, the others in flight are settled first (those confirmed are marked), then the
         failure is raised: a retry reads again what is still unsynced.
         """
+        with cyclic_gc_paused():
+            return await self._ship_batches(source, cursor, result, stop, attempts, progress)
+
+    async def _ship_batches(
+        self,
+        source: LocalSource,
+        cursor: int,
+        result: TableResult,
+        stop: asyncio.Event | None,
+        attempts: Attempts,
+        progress: TableProgress,
+    ) -> int:
         route = await self._route(source)
         window = max(1, int(getattr(self.transport, "max_in_flight", 1)))
         ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=window)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from asyncpg.pgproto.pgproto import UUID as PgUUID
+
 from host_agent.errors import ColumnsMissing, SchemaMismatch
 from host_agent.store.tables import TABLES_BY_NAME
 from host_agent.sync.postgres.codecs import PG_EPOCH_UNIX, pg_time
@@ -144,24 +146,19 @@ class TablePlan:
 
     @functools.cached_property
     def selection(self) -> Selection:
-        """Each row as its record: the PostgreSQL columns in COPY order, computed by SQLite
-        (host and store bound, times as the wire's microseconds where valid), then the stored
-        values of the checked columns (times, booleans), then a flag: 1 when one of those is
-        not valid on the wire, so the row takes `to_record`. asyncpg reads only the first
-        `len(pg_columns)` values of a record."""
+        """What SQLite reads for each row: the record's values after host and store (which
+        `prepare` puts in front), in COPY order, times as the wire's microseconds where valid;
+        then the stored values of the checked columns (times, booleans), then a flag: 1 when
+        one of those is not valid on the wire, so the row takes `to_record`. asyncpg reads
+        only the first `len(pg_columns)` values of a record."""
         expressions: list[str] = []
         names: list[str] = []
         conditions: list[str] = []
         checked: list[str] = []
-        params: list[Any] = []
         for name, source, convert in zip(
-            self.pg_columns, self._sources, self._converters, strict=True
+            self.pg_columns[2:], self._sources[2:], self._converters[2:], strict=True
         ):
             names.append(name)
-            if source in (HOST, STORE):
-                expressions.append("?")
-                params.append(self.host if source == HOST else str(self.store_id))
-                continue
             column = "t.id" if source == 0 else f"t.{self.local_columns[source - 2]}" if (
                 source >= 2
             ) else "t.row_version"
@@ -192,33 +189,35 @@ class TablePlan:
             expressions=tuple(expressions),
             names=tuple(names),
             sized=self.local_columns,
-            params=tuple(params),
-            id_at=self.source_id_index,
-            version_at=self.version_index,
+            id_at=self.source_id_index - 2,
+            version_at=self.version_index - 2,
         )
 
     @functools.cached_property
     def _stored_at(self) -> tuple[int, ...]:
-        """Where a selected row holds (id, row_version, *local_columns) as stored."""
+        """Where a row read through `selection` holds (id, row_version, *local_columns) as
+        stored."""
+        sources = self._sources[2:]
         checked = [
-            s for s, c in zip(self._sources, self._converters, strict=True)
+            s for s, c in zip(sources, self._converters[2:], strict=True)
             if s >= 2 and (c is _timestamptz or c is _boolean)
         ]  # fmt: skip
-        tail = {source: len(self.pg_columns) + i for i, source in enumerate(checked)}
-        where = {source: i for i, source in enumerate(self._sources)}
+        tail = {source: len(sources) + i for i, source in enumerate(checked)}
+        where = {source: i for i, source in enumerate(sources)}
         return tuple(tail.get(s, where.get(s, -1)) for s in range(2 + len(self.local_columns)))
 
     def prepare(self, rows: Sequence[LocalRow]) -> tuple[list[tuple[Any, ...]], list[Rejection]]:
         """Records for rows read through `selection`, and the rows refused before sending."""
         flag = len(self.selection.expressions) - 1
+        head = (self.host, self.store_id)
         if not any([r[flag] for r in rows]):
-            return list(rows), []
+            return [head + r for r in rows], []
         records: list[tuple[Any, ...]] = []
         refused: list[Rejection] = []
         stored_at = self._stored_at
         for row in rows:
             if not row[flag]:
-                records.append(row)
+                records.append(head + row)
                 continue
             stored = tuple(row[i] for i in stored_at)
             try:
@@ -375,10 +374,17 @@ def build_plan(
         types.append(column.type_name)
         sources.append(source)
         converters.append(converter_for(column.type_name))
+    # Host and store first: they are the same in every record, which `prepare` puts in front
+    # of the values SQLite read.
+    order = sorted(range(len(shipped)), key=lambda i: (sources[i] not in (HOST, STORE), i))
+    shipped = [shipped[i] for i in order]
+    types = [types[i] for i in order]
+    sources = [sources[i] for i in order]
+    converters = [converters[i] for i in order]
     return TablePlan(
         table=table,
         host=host,
-        store_id=uuid.UUID(store_id),
+        store_id=PgUUID(str(uuid.UUID(store_id))),  # asyncpg's own: encoded by a copy
         identity=identity,
         copy_allowed=not shape.row_security,
         pg_columns=tuple(shipped),
