@@ -78,7 +78,7 @@ class DatabaseConfig(_Section):
 class DataSyncConfig(_Section):
     enabled: bool = True
     interval_seconds: float = Field(300, gt=0)
-    batch_size: int = Field(5000, ge=1, le=100_000)
+    batch_size: int = Field(10_000, ge=1, le=100_000)
     batch_max_bytes: int = Field(16 * 2**20, ge=2**16, le=2**31)
     max_retries: int = Field(5, ge=0, le=100)
     retry_backoff_seconds: float = Field(30, gt=0)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
 import random
@@ -219,6 +220,27 @@ def server_cpu(pg: LocalPostgres) -> float:
     return total
 
 
+def cluster_children(pg: LocalPostgres) -> set[int]:
+    pid = pg.postmaster_pid()
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                    children.add(int(entry.name))
+    return children
+
+
+def settled_server_cpu(pg: LocalPostgres, children: set[int]) -> float:
+    """`server_cpu` once the backends a run used have exited and been reaped (their times are
+    counted only then), with a deadline."""
+    deadline = time.monotonic() + 10
+    while not cluster_children(pg) <= children and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server_cpu(pg)
+
+
 def run_psql(pg: LocalPostgres, db: str, command: str) -> float:
     env = dict(os.environ, PGPASSWORD=pg.password)
     started = time.perf_counter()
@@ -262,11 +284,11 @@ def one_run(
 ) -> dict[str, float]:
     for name in ("reference", "agent"):
         fresh_database(pg, name)
-    before = server_cpu(pg)
+    children, before = cluster_children(pg), server_cpu(pg)
     reference_s = run_psql(
         pg, "reference", f"\\copy {table} ({', '.join(names)}) FROM '{csv_path}' CSV"
     )
-    reference_server_cpu = server_cpu(pg) - before
+    reference_server_cpu = settled_server_cpu(pg, children) - before
     db = work / "local.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -277,7 +299,7 @@ def one_run(
     if batch_size:
         env["HOST_AGENT_DATA_SYNC_BATCH_SIZE"] = str(batch_size)
     prefix = os.environ.get("BENCH_AGENT_PREFIX", "").split()
-    before = server_cpu(pg)
+    children, before = cluster_children(pg), server_cpu(pg)
     started = time.perf_counter()
     proc = subprocess.Popen(
         [*prefix, agent_executable(), "--config", str(config), "--log-level", "warning",
@@ -286,7 +308,7 @@ def one_run(
     )  # fmt: skip
     _, status, usage = os.wait4(proc.pid, 0)
     agent_s = time.perf_counter() - started
-    agent_server_cpu = server_cpu(pg) - before
+    agent_server_cpu = settled_server_cpu(pg, children) - before
     proc.returncode = os.waitstatus_to_exitcode(status)
     out, err = proc.communicate()
     if proc.returncode != 0:

@@ -41,7 +41,7 @@ def test_env_references_and_overrides() -> None:
 
 def test_variables_that_are_not_config_keys_are_not_mistaken_for_overrides() -> None:
     env = {"HOST_AGENT_PG_BIN": "/opt/pg/bin"}
-    assert parse_config({}, env=env).data_sync.batch_size == 5000
+    assert parse_config({}, env=env).data_sync.batch_size == 10_000
 
 
 def test_every_key_has_an_environment_override() -> None:
