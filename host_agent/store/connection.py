@@ -160,3 +160,17 @@ class AsyncConnection:
             with contextlib.suppress(sqlite3.Error):
                 await self._on_thread(conn.close)
         self._executor.shutdown(wait=False)
+
+
+def decode_lossless(raw: bytes) -> str:
+    """A `text_factory` that never fails: bytes that are not UTF-8 survive as surrogates (a
+    later `is_utf8` finds them)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

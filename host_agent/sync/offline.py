@@ -24,7 +24,7 @@ from typing import Any
 
 from host_agent.errors import BundleRefused
 from host_agent.store import journal
-from host_agent.store.connection import connect
+from host_agent.store.connection import connect, decode_lossless, is_utf8
 from host_agent.store.faults import store_errors
 from host_agent.store.journal import NOT_QUARANTINED, BatchRange, Export, Rejection
 from host_agent.store.tables import LocalTable
@@ -52,18 +52,6 @@ class ExportReport:
     @property
     def rows(self) -> int:
         return sum(t.rows for t in self.tables)
-
-
-def _lossless(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def data_columns(conn: sqlite3.Connection, table: LocalTable) -> list[str]:
@@ -95,7 +83,7 @@ def _unsynced(
 
 def _bad_text(values: dict[str, Any]) -> str | None:
     for name, value in values.items():
-        if isinstance(value, str) and not _is_utf8(value):
+        if isinstance(value, str) and not is_utf8(value):
             return name
     return None
 
@@ -111,7 +99,7 @@ def export_bundle(
     try:
         for table, path in stores:
             conn = connect(path)
-            conn.text_factory = _lossless
+            conn.text_factory = decode_lossless
             conns.append((table, path, conn))
             with store_errors(path):
                 conn.execute("BEGIN")  # one snapshot for both passes

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from host_agent.store import journal
-from host_agent.store.connection import AsyncConnection
+from host_agent.store.connection import AsyncConnection, decode_lossless, is_utf8
 from host_agent.store.journal import NOT_QUARANTINED, BatchRange, Outcome, Rejection, Schedule
 from host_agent.store.tables import LocalTable
 from host_agent.sync.records import LocalRow, ReadBatch, RunRecord, Selection
@@ -44,18 +44,6 @@ def read_batch_sql(table: LocalTable, selection: Selection) -> str:
         f"WHERE t.synced_at IS NULL AND t.id > ? AND {NOT_QUARANTINED} "
         "ORDER BY t.id LIMIT ?"
     )
-
-
-def _decode_lossless(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 FIRST_CHUNK_ROWS = 16
@@ -105,7 +93,7 @@ def _read_batch(
             raise
         # Rare: text that is not UTF-8. Re-read this batch keeping the bytes, and refuse
         # the rows that hold such text instead of failing the whole batch forever.
-        conn.text_factory = _decode_lossless
+        conn.text_factory = decode_lossless
         try:
             rows = _fetch(conn, sql, params, limit, max_bytes)
         finally:
@@ -115,7 +103,7 @@ def _read_batch(
             bad = [
                 name
                 for name, value in zip(selection.names, row, strict=False)
-                if isinstance(value, str) and not _is_utf8(value)
+                if isinstance(value, str) and not is_utf8(value)
             ]
             if bad:
                 reason = f"column {bad[0]}: text is not valid UTF-8"
