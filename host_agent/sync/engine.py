@@ -169,18 +169,26 @@ async def _connected() -> None:
     """The operation of a try that only needs the connection (`_with_retries` opens it)."""
 
 
+_gc_pauses = 0  # runs inside `cyclic_gc_paused` now (one event loop thread)
+
+
 @contextlib.contextmanager
 def cyclic_gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while batches flow. Shipping allocates a few
     tuples per row and none of them in a cycle, yet every 700 allocations the collector walks
     the young objects, which are mostly the batches in flight: a tenth of a large sync's CPU
     went there. Reference counting still frees everything as before."""
-    enabled = gc.isenabled()
+    global _gc_pauses
+    if _gc_pauses == 0 and not gc.isenabled():  # paused by someone else: leave it to them
+        yield
+        return
+    _gc_pauses += 1
     gc.disable()
     try:
         yield
     finally:
-        if enabled:
+        _gc_pauses -= 1
+        if _gc_pauses == 0:  # the last of overlapping runs (tables shipped at once) resumes it
             gc.enable()
 
 
