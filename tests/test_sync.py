@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from support.data import (
     apply_schema_to,
@@ -27,6 +30,8 @@ from host_agent.commands.status import collect_status
 from host_agent.commands.sync import sync_once
 from host_agent.config import AgentConfig
 from host_agent.store import DESKTOP_ACTIVITY, FILE_CHANGES, RowWriter
+from host_agent.sync.postgres.plan import build_plan
+from host_agent.sync.postgres.schema import read_table
 
 MakeConfig = Callable[..., AgentConfig]
 
@@ -377,3 +382,29 @@ async def test_unreachable_server_runs_are_kept_and_logged_later_with_original_t
     assert logs[0]["started"] == pytest.approx(failed_at, abs=1e-3)
     assert "unreachable" in logs[0]["error_message"] or "unavailable" in logs[0]["error_message"]
     assert collect_status(config)["tables"]["file_change_events"]["pending_sync_logs"] == 0
+
+
+async def test_host_and_store_lead_every_record_whatever_the_server_column_order(
+    schema_url: str, make_config: MakeConfig
+) -> None:
+    """A record is (host, store) followed by the values SQLite read: the plan puts those two
+    columns first in that order even on a server table that lists store_id before
+    host_identifier (a table made by hand, or by another tool)."""
+    config = make_config(schema_url)
+    insert_file_events(files_db(config), [file_event(0)])
+    with sqlite3.connect(files_db(config)) as local:
+        local_columns = [str(r[1]) for r in local.execute("PRAGMA table_info(file_change_events)")]
+    conn = await asyncpg.connect(schema_url)
+    try:
+        shape = await read_table(conn, "file_change_events")
+    finally:
+        await conn.close()
+    first = {"store_id": 0, "host_identifier": 1}
+    store_first = dataclasses.replace(
+        shape, columns=sorted(shape.columns, key=lambda c: first.get(c.name, 2))
+    )
+    assert [c.name for c in store_first.columns][:2] == ["store_id", "host_identifier"]
+
+    for server in (shape, store_first):
+        plan = build_plan("file_change_events", "h1", str(uuid.uuid4()), server, local_columns)
+        assert plan.pg_columns[:2] == ("host_identifier", "store_id")

@@ -170,6 +170,8 @@ async def _connected() -> None:
 
 
 _gc_pauses = 0  # runs inside `cyclic_gc_paused` now (one event loop thread)
+_gc_breathed_at = 0.0
+GC_BREATH_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -177,11 +179,15 @@ def cyclic_gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while batches flow. Shipping allocates a few
     tuples per row and none of them in a cycle, yet every 700 allocations the collector walks
     the young objects, which are mostly the batches in flight: a tenth of a large sync's CPU
-    went there. Reference counting still frees everything as before."""
-    global _gc_pauses
+    went there. Reference counting still frees everything as before. The pause is bounded:
+    `gc_breathe()`, called once a batch, collects every `GC_BREATH_SECONDS`, so a run that
+    lasts (rows keep coming) never lets the rest of the process' cycles pile up."""
+    global _gc_pauses, _gc_breathed_at
     if _gc_pauses == 0 and not gc.isenabled():  # paused by someone else: leave it to them
         yield
         return
+    if _gc_pauses == 0:
+        _gc_breathed_at = time.monotonic()
     _gc_pauses += 1
     gc.disable()
     try:
@@ -190,6 +196,14 @@ def cyclic_gc_paused() -> Iterator[None]:
         _gc_pauses -= 1
         if _gc_pauses == 0:  # the last of overlapping runs (tables shipped at once) resumes it
             gc.enable()
+
+
+def gc_breathe() -> None:
+    """Inside `cyclic_gc_paused`: a full collection if the last was `GC_BREATH_SECONDS` ago."""
+    global _gc_breathed_at
+    if _gc_pauses and time.monotonic() - _gc_breathed_at >= GC_BREATH_SECONDS:
+        gc.collect()
+        _gc_breathed_at = time.monotonic()
 
 
 async def finish_even_if_cancelled(awaitable: Awaitable[T]) -> T:
@@ -442,6 +456,7 @@ class SyncEngine:
                 payload, refused = route.prepare(batch.rows)
                 await ready.put(Prepared(batch, payload, refused))
                 after = batch.span.last_id
+                gc_breathe()
 
         producer = asyncio.ensure_future(produce())
         marking: asyncio.Future[None] | None = None

@@ -1,15 +1,16 @@
 """What to ship for one table, derived from the live PostgreSQL columns and the local ones.
 
-Every PostgreSQL column is filled from the local column of the same name, except three:
+Every PostgreSQL column is filled from the local column of the same name, except four:
 `host_identifier` (this host), `store_id` (this store's identity), `source_id` (the local row
-id) and `synced_at` (the server's
-receive time, left to its default). Values are converted by the PostgreSQL type.
+id) and `synced_at` (the server's receive time, left to its default). Values are converted
+by the PostgreSQL type.
 
 Times travel as microseconds since 2000-01-01 UTC and booleans as 0/1 (`codecs.py`). Three
 ways to convert, because this is the sync's hottest loop:
 - `selection` + `prepare` (a direct sync): SQLite computes the wire values while it reads
   (epoch seconds to microseconds, in the valid range), and a flag per row says whether every
-  checked value was valid; rows read that way are the records, with no Python work per value.
+  checked value was valid; a record is (host, store) followed by the row as read, with no
+  Python work per value.
   A flagged row (a time out of range or not an integer, a boolean not 0/1) goes through
   `to_record` from its stored values, which come along at the end of the row.
 - `convert_batch` (rows from a bundle, `prepare_raw`): one list comprehension compiled per
@@ -376,7 +377,8 @@ def build_plan(
         converters.append(converter_for(column.type_name))
     # Host and store first: they are the same in every record, which `prepare` puts in front
     # of the values SQLite read.
-    order = sorted(range(len(shipped)), key=lambda i: (sources[i] not in (HOST, STORE), i))
+    first = {HOST: 0, STORE: 1}  # in this order, whatever the server table's column order
+    order = sorted(range(len(shipped)), key=lambda i: (first.get(sources[i], 2), i))
     shipped = [shipped[i] for i in order]
     types = [types[i] for i in order]
     sources = [sources[i] for i in order]
