@@ -34,7 +34,7 @@ from host_agent.errors import (
     SinkUnavailable,
 )
 from host_agent.store.digests import Probe
-from host_agent.sync.bundle import TableSummary, encode_lines, new_meta, values_line
+from host_agent.sync.bundle import TableSummary, encode_lines, new_meta, values_lines
 from host_agent.sync.records import LocalRow, Rejection, RunRecord, Selection, WriteOutcome
 from host_agent.sync.verify import RangeAnswer, decode_answer, encode_request
 
@@ -59,11 +59,7 @@ class GatewayRoute:
     def prepare(self, rows: Sequence[LocalRow]) -> tuple[bytes, list[Rejection]]:
         meta = new_meta(self.host)
         columns, table = self.local_columns, self.table
-        end = 2 + len(columns)
-        lines = [
-            values_line(table, r[0], r[1], dict(zip(columns, r[2:end], strict=True)))
-            for r in rows
-        ]
+        lines = values_lines(table, columns, rows)
         if rows:
             ids = [r[0] for r in rows]
             versions = [r[1] for r in rows]
