@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_fleet import Server, agent_binary  # noqa: E402
-from bench_sync import build_sqlite  # noqa: E402
+from bench_sync import build_sqlite, server_cpu  # noqa: E402
 
 from host_agent.embedded.cluster import free_port  # noqa: E402
 from host_agent.sync.gateway_client import GatewayTransport  # noqa: E402
@@ -67,15 +67,26 @@ def healthy(url: str) -> bool:
         return False
 
 
-def timed_sync(config: Path, env: dict[str, str]) -> float:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_sync(config: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, the agent's CPU seconds) of one `sync --once`."""
     started = time.perf_counter()
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [agent_binary(), "--config", str(config), "--log-level", "warning", "sync", "--once"],
-        env=env, capture_output=True, text=True, timeout=3600,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr)
-    return time.perf_counter() - started
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(err)
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 def add_token(url: str, host: str, work: Path) -> str:
@@ -158,17 +169,22 @@ def main() -> int:
         # (a) the same rows, straight and through the gateway.
         build_sqlite(work / "direct" / "file_changes.db", "file_change_events", args.rows, "wide")
         shutil.copytree(work / "direct", work / "via")
-        direct_s = timed_sync(
+        server_before = server_cpu(server.pg)
+        direct_s, direct_cpu = timed_sync(
             config_file(work / "direct.yaml", "bench-host", work / "direct" / "file_changes.db"),
             dict(env, HOST_AGENT_DATABASE_POSTGRES_URL=direct_url),
         )
+        direct_server = server_cpu(server.pg) - server_before
         admin_url = server.pg.url("through_gateway")
         token = add_token(admin_url, "bench-host", work)
-        via_s = timed_sync(
+        gateway_before, server_before = process_cpu(gateway.pid), server_cpu(server.pg)
+        via_s, via_cpu = timed_sync(
             config_file(work / "via.yaml", "bench-host", work / "via" / "file_changes.db",
                         gateway=f"{{url: '{gateway_url}', token: '{token}'}}"),
             env,
         )  # fmt: skip
+        gateway_cpu = process_cpu(gateway.pid) - gateway_before
+        via_server = server_cpu(server.pg) - server_before
         for name, db in (("direct", "direct"), ("gateway", "through_gateway")):
             count = server.fetchval("SELECT count(*) FROM file_change_events", db)
             if count != args.rows:
@@ -179,6 +195,9 @@ def main() -> int:
         print(f"    through the gateway:           {via_s:7.2f} s "
               f"{args.rows / via_s:10,.0f} rows/s")  # fmt: skip
         print(f"    ratio gateway / direct:        {direct_s / via_s:7.2f}")
+        print(f"    CPU seconds, direct: agent {direct_cpu:.2f}, server {direct_server:.2f}; "
+              f"through the gateway: agent {via_cpu:.2f}, gateway {gateway_cpu:.2f}, "
+              f"server {via_server:.2f}")  # fmt: skip
 
         # (b) many agents at once, on a small pool.
         tokens = {f"client-{n:03}": add_token(admin_url, f"client-{n:03}", work)
