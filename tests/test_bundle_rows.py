@@ -6,6 +6,7 @@ what is wrong. Bytes come back as bytes, and text holding braces or brackets is 
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -124,3 +125,37 @@ def test_rows_encoded_a_batch_at_once_equal_rows_encoded_one_by_one() -> None:
     assert values_lines(TABLE, COLUMNS, rows) == [
         values_line(TABLE, r[0], r[1], dict(zip(COLUMNS, r[2:], strict=True))) for r in rows
     ]
+
+
+def raw_bundle(lines: list[bytes], rows: int) -> bytes:
+    """A bundle of these exact lines whose header and end line are right for `rows` rows
+    (ids 1 and 2, version 1), so only the lines themselves can be at fault."""
+    meta = new_meta("host-a")
+    summary = TableSummary(str(uuid.uuid4()), COLUMNS)
+    summary.add(1, 1)
+    summary.add(2, 1)
+    meta.tables[TABLE] = summary
+    head = orjson.dumps({"__meta__": meta.as_json()}) + b"\n"
+    body = b"".join(lines)
+    digest = hashlib.sha256(head + body).hexdigest()
+    return head + body + orjson.dumps({"__end__": {"rows": rows, "sha256": digest}}) + b"\n"
+
+
+def test_a_row_split_over_two_lines_is_refused_even_when_braces_balance() -> None:
+    """Parsed as one JSON array, a row cut in two at a field reads as one object: one row a
+    line is checked, so its spare braces cannot hide a bad value on another line."""
+    lines = [
+        b'{"table":"file_change_events","id":1\n',
+        b'"row_version":1,"values":{"file_path":"{"}}\n',
+        b'{"table":"file_change_events","id":2,"row_version":1,'
+        b'"values":{"file_path":{"base64":"!!not b64","x":1}}}\n',
+    ]
+    with pytest.raises(BundleRefused, match=r"line 2 is not JSON"):
+        read_bundle(raw_bundle(lines, rows=2))
+
+
+def test_two_rows_on_one_line_are_refused() -> None:
+    one = orjson.dumps(row(1))
+    two = orjson.dumps(row(2))
+    with pytest.raises(BundleRefused, match=r"not one JSON object a line|is not JSON"):
+        read_bundle(raw_bundle([one + b"," + two + b"\n"], rows=2))

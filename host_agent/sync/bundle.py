@@ -360,6 +360,10 @@ def _parse_rows(lines: list[bytes], first_number: int, joined: bytes) -> list[di
         raise BundleRefused("the rows are not JSON: the bundle is damaged") from None
     if not isinstance(parsed, list):
         raise BundleRefused("the rows are not JSON objects")
+    if len(parsed) != len(lines):  # a row split over lines, or lines holding several rows
+        for offset, line in enumerate(lines):
+            _json(line, f"line {first_number + offset}")
+        raise BundleRefused("the rows are not one JSON object a line: the bundle is damaged")
     for offset, obj in enumerate(parsed):
         if not isinstance(obj, dict):
             raise BundleRefused(f"line {first_number + offset} is not a JSON object")
