@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncpg  # noqa: E402
-from bench_sync import build_sqlite, export_csv, server_columns  # noqa: E402
+from bench_sync import build_sqlite, export_csv, server_columns, stop_and_clean  # noqa: E402
 from support.pgbouncer import PgBouncer  # noqa: E402
 
 from host_agent.embedded.cluster import LocalPostgres  # noqa: E402
@@ -258,12 +258,7 @@ def main() -> int:
     finally:
         if bouncer is not None:
             bouncer.stop()
-        try:
-            server.pg.stop()
-        except Exception as exc:
-            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_and_clean(server.pg, work, keep=args.keep)
 
 
 if __name__ == "__main__":

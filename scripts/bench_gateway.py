@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_fleet import Server, agent_binary  # noqa: E402
-from bench_sync import build_sqlite, server_cpu  # noqa: E402
+from bench_sync import build_sqlite, server_cpu, stop_and_clean  # noqa: E402
 
 from host_agent.embedded.cluster import free_port  # noqa: E402
 from host_agent.sync.gateway_client import GatewayTransport  # noqa: E402
@@ -221,12 +221,7 @@ def main() -> int:
         if gateway is not None and gateway.poll() is None:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(timeout=60)
-        try:
-            server.pg.stop()
-        except Exception as exc:
-            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_and_clean(server.pg, work, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,17 @@ def server_cpu(pg: LocalPostgres) -> float:
     return total
 
 
+def stop_and_clean(pg: LocalPostgres, work: Path, *, keep: bool) -> None:
+    """A benchmark's end: stop its cluster (saying so if that fails) and remove its work
+    directory unless `--keep`."""
+    try:
+        pg.stop()
+    except Exception as exc:  # still clean up the directory
+        print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def cluster_children(pg: LocalPostgres) -> set[int]:
     pid = pg.postmaster_pid()
     children = set()
@@ -373,12 +384,7 @@ def throughput(args: argparse.Namespace) -> int:
               f"min {min(ratios):.2f}  max {max(ratios):.2f}")  # fmt: skip
         return 0
     finally:
-        try:
-            pg.stop()
-        except Exception as exc:  # still clean up the directory
-            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_and_clean(pg, work, keep=args.keep)
 
 
 # --- freshness -------------------------------------------------------------------------------
@@ -482,12 +488,7 @@ def freshness(args: argparse.Namespace) -> int:
             )
         return 0
     finally:
-        try:
-            pg.stop()
-        except Exception as exc:
-            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_and_clean(pg, work, keep=args.keep)
 
 
 def main() -> int:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_sync import build_sqlite  # noqa: E402
+from bench_sync import build_sqlite, stop_and_clean  # noqa: E402
 
 from host_agent.embedded.cluster import LocalPostgres, free_port  # noqa: E402
 from host_agent.store.tables import FILE_CHANGES  # noqa: E402
@@ -208,12 +208,7 @@ def main() -> int:
         if gateway is not None:
             gateway.terminate()
             gateway.wait(30)
-        try:
-            pg.stop()
-        except Exception as exc:  # still clean up the directory
-            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_and_clean(pg, work, keep=args.keep)
 
 
 def bench(way: str, work: Path, pg: LocalPostgres, owner: str, env: dict[str, str], rows: int,

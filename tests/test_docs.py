@@ -82,3 +82,15 @@ async def test_the_see_your_data_queries_run_on_synced_rows(
     for sql in queries:
         rows = await pg_fetch(schema_url, sql)
         assert rows, sql
+
+
+def test_ci_runs_the_readme_test_command_where_no_test_may_skip() -> None:
+    """`.ci/run` is what CI starts: it must run the README's test command with CI=true, so a
+    missing PostgreSQL, PgBouncer or X server fails the run instead of skipping its tests."""
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    lines = [line.strip() for line in ci.splitlines() if not line.lstrip().startswith("#")]
+    assert "export CI=true" in lines
+    assert lines.index("export CI=true") < next(
+        i for i, line in enumerate(lines) if "scripts/test.sh" in line
+    )
+    assert "scripts/test.sh     # run the whole test suite" in README

@@ -375,16 +375,25 @@ def _repaired_by_cli(config: Path, cwd: Path, url: str, expect_missing: int) -> 
     return clean.stdout.splitlines()
 
 
+def gateway_laptop(
+    tmp_path: Path, schema_url: str, gateway: GatewayProcess, host: str
+) -> tuple[Path, Path, str]:
+    """A host with its own token that ships through `gateway`: (its config, its data dir, the
+    token)."""
+    admin = write_config(tmp_path / "admin.yaml", url=schema_url, data_dir=tmp_path / "adm")
+    token = add_host_token(admin, host, tmp_path)
+    data = tmp_path / host
+    config = write_config(
+        tmp_path / "laptop.yaml", url=None, data_dir=data, host=host,
+        gateway={"url": gateway.url, "token": token},
+    )  # fmt: skip
+    return config, data, token
+
+
 def test_verify_and_repair_through_the_gateway(tmp_path: Path, schema_url: str) -> None:
     gateway = GatewayProcess(tmp_path, schema_url).start()
     try:
-        admin = write_config(tmp_path / "admin.yaml", url=schema_url, data_dir=tmp_path / "adm")
-        token = add_host_token(admin, "laptop-v", tmp_path)
-        data = tmp_path / "laptop-v"
-        config = write_config(
-            tmp_path / "laptop.yaml", url=None, data_dir=data, host="laptop-v",
-            gateway={"url": gateway.url, "token": token},
-        )  # fmt: skip
+        config, data, _ = gateway_laptop(tmp_path, schema_url, gateway, "laptop-v")
         bulk_file_events(data / "file_changes.db", 5000)
         shipped = run_agent(config, "sync", "--once", env=agent_env(), cwd=tmp_path)
         assert shipped.returncode == 0, shipped.stderr
@@ -450,13 +459,7 @@ async def test_the_bytes_exchanged_grow_with_the_differences_not_with_the_table(
     the bytes grow with the differences."""
     gateway = GatewayProcess(tmp_path, schema_url).start()
     try:
-        admin = write_config(tmp_path / "admin.yaml", url=schema_url, data_dir=tmp_path / "adm")
-        token = add_host_token(admin, "laptop-c", tmp_path)
-        data = tmp_path / "laptop-c"
-        config = write_config(
-            tmp_path / "laptop.yaml", url=None, data_dir=data, host="laptop-c",
-            gateway={"url": gateway.url, "token": token},
-        )  # fmt: skip
+        config, data, token = gateway_laptop(tmp_path, schema_url, gateway, "laptop-c")
         db = data / "file_changes.db"
         total = 50_000
         varied_file_events(db, total)

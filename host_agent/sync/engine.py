@@ -381,7 +381,10 @@ class SyncEngine:
                     progress = TableProgress(result.table, await source.shippable())
                     self._report(progress)
                 await self._connect(attempts)
-                cursor = await self._ship_from(source, cursor, result, stop, attempts, progress)
+                with cyclic_gc_paused():
+                    cursor = await self._ship_from(
+                        source, cursor, result, stop, attempts, progress
+                    )
                 break
             except SinkError as exc:
                 self.log.warning("sync.connection_lost", table=result.table, error=str(exc))
@@ -428,18 +431,6 @@ class SyncEngine:
         fails, the others in flight are settled first (those confirmed are marked), then the
         failure is raised: a retry reads again what is still unsynced.
         """
-        with cyclic_gc_paused():
-            return await self._ship_batches(source, cursor, result, stop, attempts, progress)
-
-    async def _ship_batches(
-        self,
-        source: LocalSource,
-        cursor: int,
-        result: TableResult,
-        stop: asyncio.Event | None,
-        attempts: Attempts,
-        progress: TableProgress,
-    ) -> int:
         route = await self._route(source)
         window = max(1, int(getattr(self.transport, "max_in_flight", 1)))
         ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=window)
